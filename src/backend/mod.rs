@@ -1,0 +1,221 @@
+//! The backend interface: one method per kernel concern. The model (`src/model/`) is written once
+//! against this trait; `cpu` is the f32 reference every other backend is tested against, and the
+//! CUDA backend (`cuda`) implements the same methods with the kernels of `kernels/*.cu`.
+//!
+//! Conventions (all backends):
+//! - Buffers are flat; a tensor is a view (a range of elements) of one. Shapes are row-major and
+//!   written beside each argument: `(N, C)` means N rows of C contiguous elements.
+//! - N is the number of tokens in a packed batch: sequences of different lengths are laid end to
+//!   end, no padding; [`AttnSeq`] says where each sequence's queries and keys are.
+//! - Linear weights use the Hugging Face layout `(out_features, in_features)`: `y = x · Wᵀ`.
+//! - Methods that produce parameter gradients ACCUMULATE (`+=`) so micro-batches sum their
+//!   gradients; methods that produce activation gradients say whether they overwrite or add.
+//! - Host slices (`&[u32]`, `&[AttnSeq]`) carry small per-batch metadata; a GPU backend uploads them.
+
+pub mod cpu;
+
+use anyhow::Result;
+
+/// One sequence's slice of a packed attention call.
+///
+/// Queries are rows `q_start .. q_start + q_len` of the query buffer; keys/values are rows
+/// `k_start .. k_start + k_len` of the key/value buffers. The queries are the LAST `q_len`
+/// positions of the `k_len` keys: query `i` sits at position `k_len - q_len + i` of its sequence
+/// (training and prefill: `q_len == k_len`; decoding against a KV cache: `q_len` new tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnSeq {
+    pub q_start: usize,
+    pub q_len: usize,
+    pub k_start: usize,
+    pub k_len: usize,
+}
+
+/// Which keys a query may see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnMask {
+    /// Decoder: key position `j <= i` (query position `i`), and `j > i - window` when a sliding
+    /// window is set (Mistral: a query sees itself and the `window - 1` keys before it).
+    Causal { window: Option<usize> },
+    /// Encoder (BERT): every key of the sequence. Padding is expressed by packing (no pad rows).
+    Bidirectional,
+}
+
+/// Shapes of one attention call. `q`: (Nq, n_heads, head_dim); `k`, `v`: (Nk, n_kv_heads, head_dim);
+/// query head `h` reads key/value head `h / (n_heads / n_kv_heads)` (grouped-query attention,
+/// without replicating K/V).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Softmax scale, usually `1/sqrt(head_dim)`.
+    pub scale: f32,
+    pub mask: AttnMask,
+}
+
+/// Target for log-prob gathering: `targets[t] < 0` masks row `t` (prompt tokens, padding).
+pub const IGNORE_TARGET: i32 = -1;
+
+pub trait Backend: Sized {
+    /// A flat buffer of elements on the backend's device (f32 on the CPU).
+    type Buf;
+    type View<'a>: Copy
+    where
+        Self: 'a;
+    type ViewMut<'a>
+    where
+        Self: 'a;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory ----
+    /// A zero-filled buffer of `len` elements.
+    fn alloc(&self, len: usize) -> Result<Self::Buf>;
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// Copies `host` into `buf[offset..offset + host.len()]`.
+    fn write(&self, buf: &mut Self::Buf, offset: usize, host: &[f32]) -> Result<()>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn fill(&self, buf: Self::ViewMut<'_>, value: f32) -> Result<()>;
+    fn view<'a>(&self, buf: &'a Self::Buf, range: std::ops::Range<usize>) -> Self::View<'a>;
+    fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: std::ops::Range<usize>) -> Self::ViewMut<'a>;
+    fn full<'a>(&self, buf: &'a Self::Buf) -> Self::View<'a> {
+        let n = self.len(buf);
+        self.view(buf, 0..n)
+    }
+    fn full_mut<'a>(&self, buf: &'a mut Self::Buf) -> Self::ViewMut<'a> {
+        let n = self.len(buf);
+        self.view_mut(buf, 0..n)
+    }
+
+    // ---- elementwise ----
+    /// `out = a + b` (all the same length).
+    fn add(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>) -> Result<()>;
+    /// `acc += x`.
+    fn add_inplace(&self, acc: Self::ViewMut<'_>, x: Self::View<'_>) -> Result<()>;
+    /// `dst[index[r]] = src[r]` row by row; rows have `width` elements (KV-cache appends).
+    fn scatter_rows(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>, index: &[u32], width: usize) -> Result<()>;
+
+    // ---- embedding ----
+    /// `out[t] = table[ids[t]]`. out: (N, C), table: (V, C).
+    fn embedding_forward(&self, out: Self::ViewMut<'_>, table: Self::View<'_>, ids: &[u32], dim: usize) -> Result<()>;
+    /// `dtable[ids[t]] += dout[t]` (scatter-add; repeated ids accumulate).
+    fn embedding_backward(&self, dtable: Self::ViewMut<'_>, dout: Self::View<'_>, ids: &[u32], dim: usize) -> Result<()>;
+
+    // ---- RMSNorm (Llama): out = inp * rstd * weight, rstd = 1/sqrt(mean(inp²) + eps) ----
+    /// out: (N, C), rstd: (N) saved for backward, inp: (N, C), weight: (C).
+    fn rmsnorm_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        rstd: Self::ViewMut<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// `dinp += ∂L/∂inp`, `dweight += ∂L/∂weight` given dout: (N, C).
+    fn rmsnorm_backward(
+        &self,
+        dinp: Self::ViewMut<'_>,
+        dweight: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        rstd: Self::View<'_>,
+        dim: usize,
+    ) -> Result<()>;
+
+    // ---- matrix products (HF Linear layout) ----
+    /// `out (N, OC) = inp (N, IC) · weightᵀ`, weight: (OC, IC). Overwrites `out`.
+    fn matmul_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>, weight: Self::View<'_>, in_dim: usize, out_dim: usize) -> Result<()>;
+    /// `dinp (N, IC) (+)= dout (N, OC) · weight (OC, IC)`; `accumulate` false overwrites.
+    fn matmul_backward_input(
+        &self,
+        dinp: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        weight: Self::View<'_>,
+        in_dim: usize,
+        out_dim: usize,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// `dweight (OC, IC) += doutᵀ (OC, N) · inp (N, IC)`.
+    fn matmul_backward_weight(&self, dweight: Self::ViewMut<'_>, dout: Self::View<'_>, inp: Self::View<'_>, in_dim: usize, out_dim: usize) -> Result<()>;
+
+    // ---- rotary embedding (rotate-half layout, as Hugging Face Llama) ----
+    /// In place on x: (N, n_heads, head_dim). For row t at position p = positions[t] and pair
+    /// i < head_dim/2: (x_i, x_{i+d/2}) ← (x_i cos − x_{i+d/2} sin, x_{i+d/2} cos + x_i sin) with
+    /// cos = cos[p, i], sin = sin[p, i]; cos, sin: (P, head_dim/2) tables built by the model
+    /// (theta and scaling live there, not in kernels).
+    fn rope_forward(&self, x: Self::ViewMut<'_>, cos: Self::View<'_>, sin: Self::View<'_>, positions: &[u32], n_heads: usize, head_dim: usize) -> Result<()>;
+    /// In place on the gradient: the transpose rotation (sin negated).
+    fn rope_backward(&self, dx: Self::ViewMut<'_>, cos: Self::View<'_>, sin: Self::View<'_>, positions: &[u32], n_heads: usize, head_dim: usize) -> Result<()>;
+
+    // ---- attention ----
+    /// out: (Nq, n_heads, head_dim) overwritten; lse: (Nq, n_heads) natural-log sum of exp of the
+    /// scaled scores of each query row, saved for backward. Every query must see at least one key.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        lse: Self::ViewMut<'_>,
+        q: Self::View<'_>,
+        k: Self::View<'_>,
+        v: Self::View<'_>,
+        seqs: &[AttnSeq],
+        shape: &AttnShape,
+    ) -> Result<()>;
+    /// Gradients of attention_forward (training layout, `q_len == k_len` per sequence):
+    /// dq: (N, n_heads, head_dim), dk, dv: (N, n_kv_heads, head_dim), all OVERWRITTEN.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dq: Self::ViewMut<'_>,
+        dk: Self::ViewMut<'_>,
+        dv: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        q: Self::View<'_>,
+        k: Self::View<'_>,
+        v: Self::View<'_>,
+        out: Self::View<'_>,
+        lse: Self::View<'_>,
+        seqs: &[AttnSeq],
+        shape: &AttnShape,
+    ) -> Result<()>;
+
+    // ---- SwiGLU MLP activation: out = silu(gate) * up ----
+    /// out, gate, up: (N, I).
+    fn swiglu_forward(&self, out: Self::ViewMut<'_>, gate: Self::View<'_>, up: Self::View<'_>) -> Result<()>;
+    /// dgate, dup OVERWRITTEN from dout.
+    fn swiglu_backward(&self, dgate: Self::ViewMut<'_>, dup: Self::ViewMut<'_>, dout: Self::View<'_>, gate: Self::View<'_>, up: Self::View<'_>) -> Result<()>;
+
+    // ---- LM head fused with log-prob gathering ----
+    /// For each row t with `targets[t] >= 0`: logp[t] = log softmax(hidden[t] · weightᵀ)[targets[t]]
+    /// and lse[t] = logsumexp of that row's logits; masked rows get logp = 0, lse = 0.
+    /// hidden: (N, C), weight: (V, C). Implementations work in chunks of rows so the full
+    /// (N, V) logits are never materialised.
+    fn token_logprobs_forward(
+        &self,
+        logp: Self::ViewMut<'_>,
+        lse: Self::ViewMut<'_>,
+        hidden: Self::View<'_>,
+        weight: Self::View<'_>,
+        targets: &[i32],
+        dim: usize,
+        vocab: usize,
+    ) -> Result<()>;
+    /// Given dlogp: (N) (the loss gradient w.r.t. each row's logp; masked rows ignored):
+    /// dhidden (N, C) OVERWRITTEN, dweight (V, C) += . Uses ∂logp/∂logits = onehot(target) − softmax.
+    #[allow(clippy::too_many_arguments)]
+    fn token_logprobs_backward(
+        &self,
+        dhidden: Self::ViewMut<'_>,
+        dweight: Self::ViewMut<'_>,
+        dlogp: Self::View<'_>,
+        hidden: Self::View<'_>,
+        weight: Self::View<'_>,
+        lse: Self::View<'_>,
+        targets: &[i32],
+        dim: usize,
+        vocab: usize,
+    ) -> Result<()>;
+}

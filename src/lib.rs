@@ -1,0 +1,7 @@
+//! sppo: Self-Play Preference Optimization for Llama/Mistral models.
+//!
+//! Layout: `backend` (the kernel interface, CPU reference, CUDA), `model` (the model definitions,
+//! written once against the backend), `formats` (Hugging Face, safetensors, GGUF), `io` (atomic writes).
+
+pub mod backend;
+pub mod io;
