@@ -1,7 +1,9 @@
 //! sppo: Self-Play Preference Optimization for Llama/Mistral models.
 //!
 //! Layout: `backend` (the kernel interface, CPU reference, CUDA), `model` (the model definitions,
-//! written once against the backend), `formats` (Hugging Face, safetensors, GGUF), `io` (atomic writes).
+//! written once against the backend), `config` (Hugging Face configs), `io` (atomic writes).
 
 pub mod backend;
+pub mod config;
 pub mod io;
+pub mod model;

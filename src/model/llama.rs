@@ -1,0 +1,507 @@
+//! THE Llama/Mistral decoder, written once against [`Backend`]: forward, then backward in exact
+//! reverse order, layer by layer (the chain rule reads top to bottom).
+//!
+//! Per layer l, with x the residual stream (N, C):
+//!   ln1 = rmsnorm(x)                     q,k,v = ln1·Wqᵀ, ln1·Wkᵀ, ln1·Wvᵀ; rope(q), rope(k)
+//!   att = attention(q, k, v)             mid = x + att·Woᵀ
+//!   ln2 = rmsnorm(mid)                   gate, up = ln2·Wgᵀ, ln2·Wuᵀ; act = silu(gate)·up
+//!   x'  = mid + act·Wdᵀ
+//! then lnf = rmsnorm(x_L) and the LM head, fused with log-prob gathering for training.
+//!
+//! Batches are packed: sequences end to end, no padding. Activations are kept per layer; with
+//! `recompute` only each layer's input is kept and the rest is recomputed during backward.
+
+use super::weights::{DecoderRanges, LayerRanges, ParamLayout};
+use crate::backend::{AttnMask, AttnSeq, AttnShape, Backend, IGNORE_TARGET};
+use crate::config::ModelConfig;
+use anyhow::{bail, ensure, Context, Result};
+use std::path::Path;
+
+/// A packed batch of token sequences.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub tokens: Vec<u32>,    // (N)
+    pub positions: Vec<u32>, // (N)
+    pub seqs: Vec<AttnSeq>,  // one per sequence (training layout: q == k ranges)
+    /// (N) next-token target of each row, or IGNORE_TARGET (prompt rows, each sequence's last row).
+    pub targets: Vec<i32>,
+    /// (N) which sequence each row belongs to.
+    pub row_seq: Vec<u32>,
+}
+
+impl Batch {
+    /// Packs `(token ids, prompt_len)` pairs. Row t of a sequence predicts token t+1; rows whose
+    /// target lies in the prompt (t + 1 < prompt_len) are masked, so the summed log-prob covers
+    /// exactly the response tokens.
+    pub fn from_sequences<'a>(seqs: impl IntoIterator<Item = (&'a [u32], usize)>) -> Result<Self> {
+        let mut b = Batch::default();
+        for (s, (ids, prompt_len)) in seqs.into_iter().enumerate() {
+            ensure!(!ids.is_empty(), "sequence {s} is empty");
+            ensure!(prompt_len <= ids.len(), "sequence {s}: prompt length {prompt_len} exceeds its {} tokens", ids.len());
+            let start = b.tokens.len();
+            for (t, &id) in ids.iter().enumerate() {
+                b.tokens.push(id);
+                b.positions.push(t as u32);
+                b.row_seq.push(s as u32);
+                let target = match ids.get(t + 1) {
+                    Some(&next) if t + 1 >= prompt_len.max(1) => next as i32,
+                    _ => IGNORE_TARGET,
+                };
+                b.targets.push(target);
+            }
+            b.seqs.push(AttnSeq { q_start: start, q_len: ids.len(), k_start: start, k_len: ids.len() });
+        }
+        Ok(b)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+    pub fn num_seqs(&self) -> usize {
+        self.seqs.len()
+    }
+}
+
+/// One layer's activations (shapes for N packed tokens).
+pub struct LayerActs<B: Backend> {
+    pub resid_in: B::Buf,  // (N, C) layer input (residual stream)
+    pub ln1: B::Buf,       // (N, C)
+    pub ln1_rstd: B::Buf,  // (N)
+    pub q: B::Buf,         // (N, Hq, D) after rope
+    pub k: B::Buf,         // (N, Hkv, D) after rope
+    pub v: B::Buf,         // (N, Hkv, D)
+    pub att: B::Buf,       // (N, Hq, D)
+    pub att_lse: B::Buf,   // (N, Hq)
+    pub resid_mid: B::Buf, // (N, C)
+    pub ln2: B::Buf,       // (N, C)
+    pub ln2_rstd: B::Buf,  // (N)
+    pub gate: B::Buf,      // (N, I)
+    pub up: B::Buf,        // (N, I)
+    pub act: B::Buf,       // (N, I)
+}
+
+impl<B: Backend> LayerActs<B> {
+    fn new(b: &B, cfg: &ModelConfig, n: usize, input_only: bool) -> Result<Self> {
+        let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let a = |len: usize| if input_only { b.alloc(0) } else { b.alloc(len) };
+        Ok(LayerActs {
+            resid_in: b.alloc(n * c)?,
+            ln1: a(n * c)?,
+            ln1_rstd: a(n)?,
+            q: a(n * cfg.q_dim())?,
+            k: a(n * cfg.kv_dim())?,
+            v: a(n * cfg.kv_dim())?,
+            att: a(n * cfg.q_dim())?,
+            att_lse: a(n * cfg.num_heads)?,
+            resid_mid: a(n * c)?,
+            ln2: a(n * c)?,
+            ln2_rstd: a(n)?,
+            gate: a(n * i)?,
+            up: a(n * i)?,
+            act: a(n * i)?,
+        })
+    }
+}
+
+/// Everything forward keeps for backward.
+pub struct Activations<B: Backend> {
+    pub n: usize,
+    pub recompute: bool,
+    /// Per layer; with `recompute` only `resid_in` is allocated.
+    pub layers: Vec<LayerActs<B>>,
+    /// Scratch for the layer being recomputed during backward (recompute only).
+    scratch: Option<LayerActs<B>>,
+    pub resid_final: B::Buf, // (N, C)
+    pub lnf: B::Buf,         // (N, C)
+    pub lnf_rstd: B::Buf,    // (N)
+    pub logp: B::Buf,        // (N) log-prob of each row's target (0 where masked)
+    pub lse: B::Buf,         // (N)
+}
+
+impl<B: Backend> Activations<B> {
+    pub fn new(b: &B, cfg: &ModelConfig, n: usize, recompute: bool) -> Result<Self> {
+        let c = cfg.hidden_size;
+        Ok(Activations {
+            n,
+            recompute,
+            layers: (0..cfg.num_layers).map(|_| LayerActs::new(b, cfg, n, recompute)).collect::<Result<_>>()?,
+            scratch: if recompute { Some(LayerActs::new(b, cfg, n, false)?) } else { None },
+            resid_final: b.alloc(n * c)?,
+            lnf: b.alloc(n * c)?,
+            lnf_rstd: b.alloc(n)?,
+            logp: b.alloc(n)?,
+            lse: b.alloc(n)?,
+        })
+    }
+}
+
+/// Gradient scratch for the activations of one layer (reused across layers).
+struct GradScratch<B: Backend> {
+    dresid: B::Buf, // (N, C) ∂L/∂(residual stream) at the current point
+    dln: B::Buf,    // (N, C)
+    datt: B::Buf,   // (N, Hq*D)
+    dq: B::Buf,     // (N, Hq*D)
+    dk: B::Buf,     // (N, Hkv*D)
+    dv: B::Buf,     // (N, Hkv*D)
+    dact: B::Buf,   // (N, I)
+    dgate: B::Buf,  // (N, I)
+    dup: B::Buf,    // (N, I)
+}
+
+/// Where a layer's attention reads keys and values from.
+pub enum KvSource<'a, B: Backend> {
+    /// Training / scoring: this batch's own k and v.
+    Own,
+    /// Generation: new k/v rows are written into the cache rows `rows` (N), then attention reads
+    /// the cache with `seqs` (decode layout).
+    Cache { k: &'a mut B::Buf, v: &'a mut B::Buf, rows: &'a [u32], seqs: &'a [AttnSeq] },
+}
+
+/// A decoder with its flat parameters on backend `B`.
+pub struct Llama<B: Backend> {
+    pub cfg: ModelConfig,
+    pub layout: ParamLayout,
+    pub ranges: DecoderRanges,
+    pub params: B::Buf,
+    rope_cos: B::Buf, // (P, D/2)
+    rope_sin: B::Buf, // (P, D/2)
+    rope_len: usize,
+}
+
+impl<B: Backend> Llama<B> {
+    /// Loads `config.json` + safetensors from a Hugging Face model directory.
+    pub fn load(b: &B, dir: &Path) -> Result<Self> {
+        let cfg = ModelConfig::from_model_dir(dir)?;
+        let layout = ParamLayout::llama(&cfg);
+        let flat = super::weights::load_flat_f32(dir, &layout, cfg.tie_word_embeddings)
+            .with_context(|| format!("loading weights of {}", dir.display()))?;
+        Self::from_flat(b, cfg, &flat)
+    }
+
+    pub fn from_flat(b: &B, cfg: ModelConfig, flat: &[f32]) -> Result<Self> {
+        let layout = ParamLayout::llama(&cfg);
+        ensure!(flat.len() == layout.total, "flat parameters hold {} values, the config needs {}", flat.len(), layout.total);
+        let ranges = layout.decoder_ranges(&cfg);
+        let params = b.upload(flat)?;
+        let mut m = Llama { cfg, layout, ranges, params, rope_cos: b.alloc(0)?, rope_sin: b.alloc(0)?, rope_len: 0 };
+        m.ensure_positions(b, 256)?;
+        Ok(m)
+    }
+
+    /// Makes the rotary tables cover positions `0..n` (capped at the model's context length).
+    pub fn ensure_positions(&mut self, b: &B, n: usize) -> Result<()> {
+        let n = n.min(self.cfg.max_position_embeddings);
+        if n <= self.rope_len {
+            return Ok(());
+        }
+        let n = n.max(self.rope_len * 2).min(self.cfg.max_position_embeddings);
+        let inv = self.cfg.rope_inv_freq();
+        let half = inv.len();
+        let (mut cos, mut sin) = (vec![0f32; n * half], vec![0f32; n * half]);
+        for p in 0..n {
+            for (i, &f) in inv.iter().enumerate() {
+                // transformers multiplies position and frequency in f32 before cos/sin.
+                let angle = (p as f32 * f) as f64;
+                cos[p * half + i] = angle.cos() as f32;
+                sin[p * half + i] = angle.sin() as f32;
+            }
+        }
+        self.rope_cos = b.upload(&cos)?;
+        self.rope_sin = b.upload(&sin)?;
+        self.rope_len = n;
+        Ok(())
+    }
+
+    pub fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            n_heads: self.cfg.num_heads,
+            n_kv_heads: self.cfg.num_kv_heads,
+            head_dim: self.cfg.head_dim,
+            scale: 1.0 / (self.cfg.head_dim as f32).sqrt(),
+            mask: AttnMask::Causal { window: self.cfg.sliding_window },
+        }
+    }
+
+    fn check_batch(&self, batch: &Batch) -> Result<()> {
+        let n = batch.len();
+        ensure!(n > 0, "empty batch");
+        ensure!(batch.positions.len() == n && batch.targets.len() == n, "batch rows disagree");
+        if let Some(&t) = batch.tokens.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!("token id {t} is outside the model's vocabulary of {}", self.cfg.vocab_size);
+        }
+        if let Some(&p) = batch.positions.iter().max() {
+            if p as usize >= self.cfg.max_position_embeddings {
+                bail!(
+                    "position {p} is beyond the model's context of {} tokens (max_position_embeddings): shorten the prompt or the response",
+                    self.cfg.max_position_embeddings
+                );
+            }
+            ensure!((p as usize) < self.rope_len, "rotary tables cover {} positions, need {}: call ensure_positions", self.rope_len, p + 1);
+        }
+        Ok(())
+    }
+
+    /// Embedding + all layers + final norm: leaves the normed hidden states in `acts.lnf`.
+    pub fn forward_hidden(&self, b: &B, batch: &Batch, acts: &mut Activations<B>) -> Result<()> {
+        self.check_batch(batch)?;
+        ensure!(acts.n == batch.len(), "activations sized for {} rows, batch has {}", acts.n, batch.len());
+        let c = self.cfg.hidden_size;
+        let p = &self.params;
+        b.embedding_forward(b.full_mut(&mut acts.layers[0].resid_in), b.view(p, self.ranges.embed_tokens.clone()), &batch.tokens, c)?;
+        let nl = self.cfg.num_layers;
+        for l in 0..nl {
+            let (cur, rest) = acts.layers.split_at_mut(l + 1);
+            let la = &mut cur[l];
+            let out = if l + 1 < nl { &mut rest[0].resid_in } else { &mut acts.resid_final };
+            match acts.scratch.as_mut() {
+                // Recompute mode: run the layer in scratch, keep only its input (already in `la`).
+                Some(s) => {
+                    std::mem::swap(&mut s.resid_in, &mut la.resid_in);
+                    let r = self.layer_forward(b, l, s, out, batch, KvSource::Own);
+                    std::mem::swap(&mut s.resid_in, &mut la.resid_in);
+                    r?
+                }
+                None => self.layer_forward(b, l, la, out, batch, KvSource::Own)?,
+            }
+        }
+        b.rmsnorm_forward(
+            b.full_mut(&mut acts.lnf),
+            b.full_mut(&mut acts.lnf_rstd),
+            b.full(&acts.resid_final),
+            b.view(p, self.ranges.norm.clone()),
+            c,
+            self.cfg.rms_norm_eps,
+        )
+    }
+
+    /// Training/scoring forward: hidden states, then each row's target log-prob in `acts.logp`.
+    pub fn forward(&self, b: &B, batch: &Batch, acts: &mut Activations<B>) -> Result<()> {
+        self.forward_hidden(b, batch, acts)?;
+        b.token_logprobs_forward(
+            b.full_mut(&mut acts.logp),
+            b.full_mut(&mut acts.lse),
+            b.full(&acts.lnf),
+            b.view(&self.params, self.ranges.lm_head.clone()),
+            &batch.targets,
+            self.cfg.hidden_size,
+            self.cfg.vocab_size,
+        )
+    }
+
+    /// Per-sequence summed response log-probs after [`forward`](Self::forward), summed in f64.
+    pub fn sequence_logprobs(&self, b: &B, batch: &Batch, acts: &Activations<B>) -> Result<Vec<f64>> {
+        let logp = b.download(&acts.logp)?;
+        let mut sums = vec![0f64; batch.num_seqs()];
+        for (t, &lp) in logp.iter().enumerate() {
+            if batch.targets[t] != IGNORE_TARGET {
+                sums[batch.row_seq[t] as usize] += lp as f64;
+            }
+        }
+        Ok(sums)
+    }
+
+    /// Full logits (N, V) from the hidden states in `acts.lnf` (tests, small batches).
+    pub fn logits(&self, b: &B, acts: &Activations<B>) -> Result<Vec<f32>> {
+        let mut out = b.alloc(acts.n * self.cfg.vocab_size)?;
+        b.matmul_forward(
+            b.full_mut(&mut out),
+            b.full(&acts.lnf),
+            b.view(&self.params, self.ranges.lm_head.clone()),
+            self.cfg.hidden_size,
+            self.cfg.vocab_size,
+        )?;
+        b.download(&out)
+    }
+
+    /// One decoder layer: reads `la.resid_in`, fills `la`, writes the layer output to `out`.
+    pub fn layer_forward(&self, b: &B, l: usize, la: &mut LayerActs<B>, out: &mut B::Buf, batch: &Batch, kv: KvSource<'_, B>) -> Result<()> {
+        let cfg = &self.cfg;
+        let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let w: &LayerRanges = &self.ranges.layers[l];
+        let p = &self.params;
+        let pv = |r: &std::ops::Range<usize>| b.view(p, r.clone());
+
+        // attention block
+        b.rmsnorm_forward(b.full_mut(&mut la.ln1), b.full_mut(&mut la.ln1_rstd), b.full(&la.resid_in), pv(&w.input_layernorm), c, cfg.rms_norm_eps)?;
+        b.matmul_forward(b.full_mut(&mut la.q), b.full(&la.ln1), pv(&w.q_proj), c, qd)?;
+        b.matmul_forward(b.full_mut(&mut la.k), b.full(&la.ln1), pv(&w.k_proj), c, kvd)?;
+        b.matmul_forward(b.full_mut(&mut la.v), b.full(&la.ln1), pv(&w.v_proj), c, kvd)?;
+        let (cos, sin) = (b.full(&self.rope_cos), b.full(&self.rope_sin));
+        b.rope_forward(b.full_mut(&mut la.q), cos, sin, &batch.positions, cfg.num_heads, cfg.head_dim)?;
+        b.rope_forward(b.full_mut(&mut la.k), cos, sin, &batch.positions, cfg.num_kv_heads, cfg.head_dim)?;
+        let shape = self.attn_shape();
+        match kv {
+            KvSource::Own => b.attention_forward(
+                b.full_mut(&mut la.att),
+                b.full_mut(&mut la.att_lse),
+                b.full(&la.q),
+                b.full(&la.k),
+                b.full(&la.v),
+                &batch.seqs,
+                &shape,
+            )?,
+            KvSource::Cache { k, v, rows, seqs } => {
+                b.scatter_rows(b.full_mut(k), b.full(&la.k), rows, kvd)?;
+                b.scatter_rows(b.full_mut(v), b.full(&la.v), rows, kvd)?;
+                b.attention_forward(b.full_mut(&mut la.att), b.full_mut(&mut la.att_lse), b.full(&la.q), b.full(k), b.full(v), seqs, &shape)?
+            }
+        }
+        b.matmul_forward(b.full_mut(&mut la.resid_mid), b.full(&la.att), pv(&w.o_proj), qd, c)?;
+        b.add_inplace(b.full_mut(&mut la.resid_mid), b.full(&la.resid_in))?;
+
+        // MLP block
+        b.rmsnorm_forward(b.full_mut(&mut la.ln2), b.full_mut(&mut la.ln2_rstd), b.full(&la.resid_mid), pv(&w.post_attention_layernorm), c, cfg.rms_norm_eps)?;
+        b.matmul_forward(b.full_mut(&mut la.gate), b.full(&la.ln2), pv(&w.gate_proj), c, i)?;
+        b.matmul_forward(b.full_mut(&mut la.up), b.full(&la.ln2), pv(&w.up_proj), c, i)?;
+        b.swiglu_forward(b.full_mut(&mut la.act), b.full(&la.gate), b.full(&la.up))?;
+        b.matmul_forward(b.full_mut(out), b.full(&la.act), pv(&w.down_proj), i, c)?;
+        b.add_inplace(b.full_mut(out), b.full(&la.resid_mid))
+    }
+
+    /// A zeroed gradient buffer with the parameter layout.
+    pub fn alloc_grads(&self, b: &B) -> Result<B::Buf> {
+        b.alloc(self.layout.total)
+    }
+
+    /// Backward of `L = Σ_s dseq[s] · (summed response log-prob of sequence s)`: parameter
+    /// gradients are ADDED to `grads` (micro-batches accumulate). `acts` must hold this batch's
+    /// forward.
+    pub fn backward(&self, b: &B, batch: &Batch, acts: &mut Activations<B>, dseq: &[f32], grads: &mut B::Buf) -> Result<()> {
+        ensure!(dseq.len() == batch.num_seqs(), "{} sequence gradients for {} sequences", dseq.len(), batch.num_seqs());
+        ensure!(b.len(grads) == self.layout.total, "gradient buffer has {} values, parameters {}", b.len(grads), self.layout.total);
+        let cfg = &self.cfg;
+        let n = batch.len();
+        let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let p = &self.params;
+        let r = &self.ranges;
+        let dlogp_host: Vec<f32> = (0..n)
+            .map(|t| if batch.targets[t] == IGNORE_TARGET { 0.0 } else { dseq[batch.row_seq[t] as usize] })
+            .collect();
+        let dlogp = b.upload(&dlogp_host)?;
+        let mut g = GradScratch::<B> {
+            dresid: b.alloc(n * c)?,
+            dln: b.alloc(n * c)?,
+            datt: b.alloc(n * qd)?,
+            dq: b.alloc(n * qd)?,
+            dk: b.alloc(n * kvd)?,
+            dv: b.alloc(n * kvd)?,
+            dact: b.alloc(n * i)?,
+            dgate: b.alloc(n * i)?,
+            dup: b.alloc(n * i)?,
+        };
+
+        // LM head + log-probs, then the final norm.
+        b.token_logprobs_backward(
+            b.full_mut(&mut g.dln),
+            b.view_mut(grads, r.lm_head.clone()),
+            b.full(&dlogp),
+            b.full(&acts.lnf),
+            b.view(p, r.lm_head.clone()),
+            b.full(&acts.lse),
+            &batch.targets,
+            c,
+            cfg.vocab_size,
+        )?;
+        b.fill(b.full_mut(&mut g.dresid), 0.0)?;
+        b.rmsnorm_backward(
+            b.full_mut(&mut g.dresid),
+            b.view_mut(grads, r.norm.clone()),
+            b.full(&g.dln),
+            b.full(&acts.resid_final),
+            b.view(p, r.norm.clone()),
+            b.full(&acts.lnf_rstd),
+            c,
+        )?;
+
+        // Recompute mode: a sink for the recomputed layer output (not needed, already known).
+        let mut sink = if acts.scratch.is_some() { Some(b.alloc(n * c)?) } else { None };
+        for l in (0..cfg.num_layers).rev() {
+            match (acts.scratch.as_mut(), sink.as_mut()) {
+                (Some(s), Some(sink)) => {
+                    // Rebuild this layer's activations from its saved input, then differentiate.
+                    std::mem::swap(&mut s.resid_in, &mut acts.layers[l].resid_in);
+                    let res = self
+                        .layer_forward(b, l, s, sink, batch, KvSource::Own)
+                        .and_then(|_| self.layer_backward(b, l, s, &mut g, grads, batch));
+                    std::mem::swap(&mut s.resid_in, &mut acts.layers[l].resid_in);
+                    res?;
+                }
+                _ => self.layer_backward(b, l, &acts.layers[l], &mut g, grads, batch)?,
+            }
+        }
+        b.embedding_backward(b.view_mut(grads, r.embed_tokens.clone()), b.full(&g.dresid), &batch.tokens, c)
+    }
+
+    /// Backward of one layer: on entry `g.dresid` is ∂L/∂(layer output); on exit ∂L/∂(layer input).
+    fn layer_backward(&self, b: &B, l: usize, la: &LayerActs<B>, g: &mut GradScratch<B>, grads: &mut B::Buf, batch: &Batch) -> Result<()> {
+        let cfg = &self.cfg;
+        let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+        let w = &self.ranges.layers[l];
+        let p = &self.params;
+        let pv = |r: &std::ops::Range<usize>| b.view(p, r.clone());
+
+        // MLP block: out = mid + act·Wdᵀ (the residual passes dresid through unchanged).
+        b.matmul_backward_weight(b.view_mut(grads, w.down_proj.clone()), b.full(&g.dresid), b.full(&la.act), i, c)?;
+        b.matmul_backward_input(b.full_mut(&mut g.dact), b.full(&g.dresid), pv(&w.down_proj), i, c, false)?;
+        b.swiglu_backward(b.full_mut(&mut g.dgate), b.full_mut(&mut g.dup), b.full(&g.dact), b.full(&la.gate), b.full(&la.up))?;
+        b.matmul_backward_weight(b.view_mut(grads, w.gate_proj.clone()), b.full(&g.dgate), b.full(&la.ln2), c, i)?;
+        b.matmul_backward_weight(b.view_mut(grads, w.up_proj.clone()), b.full(&g.dup), b.full(&la.ln2), c, i)?;
+        b.matmul_backward_input(b.full_mut(&mut g.dln), b.full(&g.dgate), pv(&w.gate_proj), c, i, false)?;
+        b.matmul_backward_input(b.full_mut(&mut g.dln), b.full(&g.dup), pv(&w.up_proj), c, i, true)?;
+        b.rmsnorm_backward(
+            b.full_mut(&mut g.dresid),
+            b.view_mut(grads, w.post_attention_layernorm.clone()),
+            b.full(&g.dln),
+            b.full(&la.resid_mid),
+            pv(&w.post_attention_layernorm),
+            b.full(&la.ln2_rstd),
+            c,
+        )?;
+
+        // Attention block: mid = x + att·Woᵀ.
+        b.matmul_backward_weight(b.view_mut(grads, w.o_proj.clone()), b.full(&g.dresid), b.full(&la.att), qd, c)?;
+        b.matmul_backward_input(b.full_mut(&mut g.datt), b.full(&g.dresid), pv(&w.o_proj), qd, c, false)?;
+        b.attention_backward(
+            b.full_mut(&mut g.dq),
+            b.full_mut(&mut g.dk),
+            b.full_mut(&mut g.dv),
+            b.full(&g.datt),
+            b.full(&la.q),
+            b.full(&la.k),
+            b.full(&la.v),
+            b.full(&la.att),
+            b.full(&la.att_lse),
+            &batch.seqs,
+            &self.attn_shape(),
+        )?;
+        let (cos, sin) = (b.full(&self.rope_cos), b.full(&self.rope_sin));
+        b.rope_backward(b.full_mut(&mut g.dq), cos, sin, &batch.positions, cfg.num_heads, cfg.head_dim)?;
+        b.rope_backward(b.full_mut(&mut g.dk), cos, sin, &batch.positions, cfg.num_kv_heads, cfg.head_dim)?;
+        b.matmul_backward_weight(b.view_mut(grads, w.q_proj.clone()), b.full(&g.dq), b.full(&la.ln1), c, qd)?;
+        b.matmul_backward_weight(b.view_mut(grads, w.k_proj.clone()), b.full(&g.dk), b.full(&la.ln1), c, kvd)?;
+        b.matmul_backward_weight(b.view_mut(grads, w.v_proj.clone()), b.full(&g.dv), b.full(&la.ln1), c, kvd)?;
+        b.matmul_backward_input(b.full_mut(&mut g.dln), b.full(&g.dq), pv(&w.q_proj), c, qd, false)?;
+        b.matmul_backward_input(b.full_mut(&mut g.dln), b.full(&g.dk), pv(&w.k_proj), c, kvd, true)?;
+        b.matmul_backward_input(b.full_mut(&mut g.dln), b.full(&g.dv), pv(&w.v_proj), c, kvd, true)?;
+        b.rmsnorm_backward(
+            b.full_mut(&mut g.dresid),
+            b.view_mut(grads, w.input_layernorm.clone()),
+            b.full(&g.dln),
+            b.full(&la.resid_in),
+            pv(&w.input_layernorm),
+            b.full(&la.ln1_rstd),
+            c,
+        )
+    }
+
+    /// Downloads the flat parameters (f32).
+    pub fn params_host(&self, b: &B) -> Result<Vec<f32>> {
+        b.download(&self.params)
+    }
+}
