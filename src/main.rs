@@ -1,1 +1,283 @@
-fn main(){}
+//! The `sppo` command line. Work lives in the library; this file parses flags and reports.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sppo::backend::cpu::CpuBackend;
+use sppo::chat::{encode_chat, ChatTemplate, Message};
+use sppo::config::GenerationConfig;
+use sppo::generate::{generate, GenOptions, GenRequest};
+use sppo::logprobs::{output_line, parse_example, score, TextCodec};
+use sppo::model::Llama;
+use sppo::prompts::{load_prompts, PromptRecord};
+use sppo::sampling::SamplingParams;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "sppo", version, about = "Self-Play Preference Optimization for Llama/Mistral models")]
+struct Cli {
+    /// CPU threads (default: all cores).
+    #[arg(long, global = true, env = "SPPO_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Convert a GGUF file into a Hugging Face model directory.
+    Convert(ConvertArgs),
+    /// Generate chat responses for prompts.
+    Generate(GenerateArgs),
+    /// Score (prompt, response) pairs: summed response log-probs.
+    Logprobs(LogprobsArgs),
+    /// Show the devices sppo can use.
+    Info,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// The GGUF file to read.
+    #[arg(long = "from-gguf")]
+    from_gguf: PathBuf,
+    /// The Hugging Face directory to write (replaced atomically).
+    #[arg(long)]
+    out: PathBuf,
+    /// Tensor dtype of model.safetensors (f32 keeps the exact dequantised values).
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DtypeArg,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json, chat template).
+    #[arg(long)]
+    model: PathBuf,
+    /// A single prompt (a user message).
+    #[arg(long, conflicts_with = "prompts")]
+    prompt: Option<String>,
+    /// Prompt file: JSONL (`prompt`, `instruction` or `messages`), Parquet, or ShareGPT JSON.
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Use only the first N prompts of the file.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f32,
+    /// Nucleus sampling threshold (1 disables).
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f32,
+    /// Keep the k most likely tokens (0 disables).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Drop tokens below min_p × the top probability (0 disables).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Responses per prompt.
+    #[arg(long, default_value_t = 1)]
+    num_samples: u32,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Write JSONL here instead of printing responses.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LogprobsArgs {
+    #[arg(long)]
+    model: PathBuf,
+    /// JSONL: `prompt_ids`+`response_ids`, `prompt`+`response`, or chat `messages`.
+    #[arg(long)]
+    data: PathBuf,
+    /// Output JSONL (default: stdout).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Tokens per packed forward.
+    #[arg(long, default_value_t = 4096)]
+    batch_tokens: usize,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Convert(a) => {
+            let dtype = match a.dtype {
+                DtypeArg::F32 => sppo::formats::convert::OutDtype::F32,
+                DtypeArg::Bf16 => sppo::formats::convert::OutDtype::Bf16,
+            };
+            let report = sppo::formats::convert::convert_gguf_to_hf(&a.from_gguf, &a.out, dtype)?;
+            eprintln!("wrote {} ({} tensors)", a.out.display(), report.tensors.len());
+            Ok(())
+        }
+        Cmd::Generate(a) => cmd_generate(a, cli.threads),
+        Cmd::Logprobs(a) => cmd_logprobs(a, cli.threads),
+        Cmd::Info => {
+            println!("cpu: {} threads", rayon::current_num_threads());
+            println!("cuda: {}", sppo::backend::cuda::probe());
+            Ok(())
+        }
+    }
+}
+
+/// Tokenizer + chat template of a model directory, checked against the model's vocabulary.
+fn load_codec(dir: &Path, vocab: usize) -> Result<Option<TextCodec>> {
+    let tok_path = dir.join("tokenizer.json");
+    if !tok_path.exists() {
+        return Ok(None);
+    }
+    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: cannot load the tokenizer: {e}", tok_path.display()))?;
+    let tv = tokenizer.get_vocab_size(true);
+    if tv > vocab {
+        bail!("{}: the tokenizer has {tv} tokens but the model's vocabulary is {vocab}: tokenizer and model do not match", tok_path.display());
+    }
+    let Some(template) = ChatTemplate::from_model_dir(dir)? else {
+        bail!("{}: no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)", dir.display());
+    };
+    let eos_text = template.eos_token().with_context(|| format!("{}: the chat template has no eos_token", dir.display()))?;
+    let end_of_turn = tokenizer
+        .token_to_id(&eos_text)
+        .with_context(|| format!("{}: eos token {eos_text:?} is not in the vocabulary", tok_path.display()))?;
+    Ok(Some(TextCodec { tokenizer, template, end_of_turn }))
+}
+
+fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(len);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(&format!("{{spinner}} {what} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}, {{per_sec}}]"))
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    pb
+}
+
+fn cmd_generate(a: GenerateArgs, threads: Option<usize>) -> Result<()> {
+    let b = CpuBackend::new(threads)?;
+    let mut model = Llama::load(&b, &a.model)?;
+    let codec = load_codec(&a.model, model.cfg.vocab_size)?
+        .with_context(|| format!("{}: generation needs tokenizer.json", a.model.display()))?;
+    let records: Vec<PromptRecord> = match (&a.prompt, &a.prompts) {
+        (Some(p), None) => vec![PromptRecord { id: "0".into(), messages: vec![Message { role: "user".into(), content: p.clone() }], reference: None }],
+        (None, Some(path)) => {
+            let mut r = load_prompts(path)?;
+            if let Some(n) = a.limit {
+                r.truncate(n);
+            }
+            r
+        }
+        _ => bail!("give --prompt TEXT or --prompts FILE"),
+    };
+    let sampling = SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, min_p: a.min_p };
+    let gen_cfg = GenerationConfig::from_model_dir(&a.model)?.unwrap_or_default();
+    let mut eos_ids = if gen_cfg.eos_token_ids.is_empty() { model.cfg.eos_token_ids.clone() } else { gen_cfg.eos_token_ids.clone() };
+    if !eos_ids.contains(&codec.end_of_turn) {
+        eos_ids.push(codec.end_of_turn);
+    }
+    let mut requests = Vec::new();
+    for r in &records {
+        let ids = encode_chat(&codec.tokenizer, &codec.template, &r.messages, true).with_context(|| format!("prompt {}", r.id))?;
+        for s in 0..a.num_samples {
+            requests.push(GenRequest { prompt_id: r.id.clone(), sample_index: s, prompt_ids: ids.clone() });
+        }
+    }
+    let opts = GenOptions {
+        sampling,
+        max_new_tokens: a.max_new_tokens,
+        eos_ids,
+        seed: a.seed,
+        iteration: 0,
+        batch_size: a.batch_size,
+        max_prefill_tokens: 4096,
+    };
+    let pb = progress_bar((requests.len() * a.max_new_tokens) as u64, "tokens");
+    let start = std::time::Instant::now();
+    let outputs = generate(&b, &mut model, &requests, &opts, |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    let total: usize = outputs.iter().map(|o| o.tokens.len()).sum();
+    eprintln!("generated {total} tokens in {:.1} s ({:.1} tokens/s)", start.elapsed().as_secs_f64(), total as f64 / start.elapsed().as_secs_f64());
+
+    let mut lines = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        let outs = &outputs[i * a.num_samples as usize..(i + 1) * a.num_samples as usize];
+        let responses: Vec<String> = outs
+            .iter()
+            .map(|o| codec.tokenizer.decode(&o.tokens, true).map_err(|e| anyhow::anyhow!("decoding: {e}")))
+            .collect::<Result<_>>()?;
+        let prompt_text = r.messages.last().map(|m| m.content.clone()).unwrap_or_default();
+        lines.push(serde_json::json!({
+            "prompt_id": r.id,
+            "prompt": prompt_text,
+            "responses": responses,
+            "finish_reasons": outs.iter().map(|o| o.finish.as_str()).collect::<Vec<_>>(),
+            "num_tokens": outs.iter().map(|o| o.tokens.len()).collect::<Vec<_>>(),
+        }));
+    }
+    match &a.out {
+        Some(path) => {
+            let mut text = String::new();
+            for l in &lines {
+                text.push_str(&l.to_string());
+                text.push('\n');
+            }
+            sppo::io::write_atomic(path, text.as_bytes())?;
+            eprintln!("wrote {}", path.display());
+        }
+        None => {
+            let mut out = std::io::stdout().lock();
+            for l in &lines {
+                writeln!(out, "### {}", l["prompt"].as_str().unwrap_or_default())?;
+                for r in l["responses"].as_array().into_iter().flatten() {
+                    writeln!(out, "{}\n", r.as_str().unwrap_or_default())?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn cmd_logprobs(a: LogprobsArgs, threads: Option<usize>) -> Result<()> {
+    let b = CpuBackend::new(threads)?;
+    let mut model = Llama::load(&b, &a.model)?;
+    let codec = load_codec(&a.model, model.cfg.vocab_size)?;
+    let f = std::fs::File::open(&a.data).with_context(|| format!("{}: cannot open", a.data.display()))?;
+    let mut examples = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.with_context(|| format!("{}:{}: cannot read", a.data.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{}:{}: malformed JSON", a.data.display(), i + 1))?;
+        examples.push(parse_example(&v, i + 1, &a.data, codec.as_ref())?);
+    }
+    let pb = progress_bar(examples.len() as u64, "examples");
+    let scored = score(&b, &mut model, &examples, a.batch_tokens, |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    let mut text = String::new();
+    for s in &scored {
+        text.push_str(&output_line(s).to_string());
+        text.push('\n');
+    }
+    match &a.out {
+        Some(path) => sppo::io::write_atomic(path, text.as_bytes())?,
+        None => std::io::stdout().lock().write_all(text.as_bytes())?,
+    }
+    Ok(())
+}

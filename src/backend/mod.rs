@@ -95,6 +95,8 @@ pub trait Backend: Sized {
     fn add_inplace(&self, acc: Self::ViewMut<'_>, x: Self::View<'_>) -> Result<()>;
     /// `dst[index[r]] = src[r]` row by row; rows have `width` elements (KV-cache appends).
     fn scatter_rows(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>, index: &[u32], width: usize) -> Result<()>;
+    /// `dst[r] = src[index[r]]` row by row (picking the last row of each sequence for logits).
+    fn gather_rows(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>, index: &[u32], width: usize) -> Result<()>;
 
     // ---- embedding ----
     /// `out[t] = table[ids[t]]`. out: (N, C), table: (V, C).

@@ -160,6 +160,14 @@ pub enum KvSource<'a, B: Backend> {
     Cache { k: &'a mut B::Buf, v: &'a mut B::Buf, rows: &'a [u32], seqs: &'a [AttnSeq] },
 }
 
+/// Per-layer key/value cache for generation: `rows` slots of (Hkv*D) each, laid out by the caller
+/// (one contiguous region per sequence).
+pub struct KvCache<B: Backend> {
+    pub k: Vec<B::Buf>, // per layer (rows, Hkv*D)
+    pub v: Vec<B::Buf>, // per layer (rows, Hkv*D)
+    pub rows: usize,
+}
+
 /// A decoder with its flat parameters on backend `B`.
 pub struct Llama<B: Backend> {
     pub cfg: ModelConfig,
@@ -360,6 +368,58 @@ impl<B: Backend> Llama<B> {
         b.swiglu_forward(b.full_mut(&mut la.act), b.full(&la.gate), b.full(&la.up))?;
         b.matmul_forward(b.full_mut(out), b.full(&la.act), pv(&w.down_proj), i, c)?;
         b.add_inplace(b.full_mut(out), b.full(&la.resid_mid))
+    }
+
+    pub fn alloc_kv_cache(&self, b: &B, rows: usize) -> Result<KvCache<B>> {
+        let kvd = self.cfg.kv_dim();
+        let mk = || (0..self.cfg.num_layers).map(|_| b.alloc(rows * kvd)).collect::<Result<Vec<_>>>();
+        Ok(KvCache { k: mk()?, v: mk()?, rows })
+    }
+
+    /// Inference step over a KV cache: runs `tokens` (at `positions`, written to cache rows
+    /// `cache_rows`), attends with `seqs` (decode layout over the cache), and returns the logits
+    /// (len(logit_rows), V) of the rows `logit_rows` (each sequence's last row).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_cached(
+        &self,
+        b: &B,
+        tokens: &[u32],
+        positions: &[u32],
+        cache: &mut KvCache<B>,
+        cache_rows: &[u32],
+        seqs: &[AttnSeq],
+        logit_rows: &[u32],
+    ) -> Result<Vec<f32>> {
+        let n = tokens.len();
+        let batch = Batch {
+            tokens: tokens.to_vec(),
+            positions: positions.to_vec(),
+            seqs: vec![],
+            targets: vec![IGNORE_TARGET; n],
+            row_seq: vec![0; n],
+        };
+        self.check_batch(&batch)?;
+        ensure!(cache_rows.len() == n, "{} cache rows for {n} tokens", cache_rows.len());
+        if let Some(&r) = cache_rows.iter().find(|&&r| r as usize >= cache.rows) {
+            bail!("cache row {r} is outside the KV cache of {} rows", cache.rows);
+        }
+        let c = self.cfg.hidden_size;
+        let mut la = LayerActs::new(b, &self.cfg, n, false)?;
+        let mut out = b.alloc(n * c)?;
+        b.embedding_forward(b.full_mut(&mut la.resid_in), b.view(&self.params, self.ranges.embed_tokens.clone()), tokens, c)?;
+        for l in 0..self.cfg.num_layers {
+            let kv = KvSource::Cache { k: &mut cache.k[l], v: &mut cache.v[l], rows: cache_rows, seqs };
+            self.layer_forward(b, l, &mut la, &mut out, &batch, kv)?;
+            std::mem::swap(&mut la.resid_in, &mut out);
+        }
+        let m = logit_rows.len();
+        let mut last = b.alloc(m * c)?;
+        b.gather_rows(b.full_mut(&mut last), b.full(&la.resid_in), logit_rows, c)?;
+        let (mut normed, mut rstd) = (b.alloc(m * c)?, b.alloc(m)?);
+        b.rmsnorm_forward(b.full_mut(&mut normed), b.full_mut(&mut rstd), b.full(&last), b.view(&self.params, self.ranges.norm.clone()), c, self.cfg.rms_norm_eps)?;
+        let mut logits = b.alloc(m * self.cfg.vocab_size)?;
+        b.matmul_forward(b.full_mut(&mut logits), b.full(&normed), b.view(&self.params, self.ranges.lm_head.clone()), c, self.cfg.vocab_size)?;
+        b.download(&logits)
     }
 
     /// A zeroed gradient buffer with the parameter layout.

@@ -3,4 +3,4 @@
 pub mod llama;
 pub mod weights;
 
-pub use llama::{Activations, Batch, KvSource, Llama};
+pub use llama::{Activations, Batch, KvCache, KvSource, Llama};

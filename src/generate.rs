@@ -1,0 +1,179 @@
+//! Batched generation with a KV cache: a fixed number of slots, each holding one sequence's cache
+//! region; finished sequences free their slot and the next request is admitted at the following
+//! step (its prompt prefilled in the same packed forward as the others' decode tokens).
+//!
+//! Every sampled token draws its uniform from the counter-based generator keyed by
+//! (seed, iteration, prompt id, sample index, token position), so the tokens do not depend on the
+//! batch size, the slot a request lands in, the thread count or a resume point.
+
+use crate::backend::{AttnSeq, Backend};
+use crate::model::Llama;
+use crate::rng::{prompt_key, RngKey, Stream};
+use crate::sampling::{sample, SamplerScratch, SamplingParams};
+use anyhow::{bail, ensure, Result};
+
+/// One sequence to generate: its prompt ids and the key of its random stream.
+#[derive(Clone, Debug)]
+pub struct GenRequest {
+    pub prompt_id: String,
+    pub sample_index: u32,
+    pub prompt_ids: Vec<u32>,
+}
+
+#[derive(Clone, Debug)]
+pub struct GenOptions {
+    pub sampling: SamplingParams,
+    pub max_new_tokens: usize,
+    /// Generation stops when one of these is sampled (not included in the output).
+    pub eos_ids: Vec<u32>,
+    pub seed: u64,
+    pub iteration: u32,
+    /// Number of sequences decoded together.
+    pub batch_size: usize,
+    /// Upper bound on prompt tokens prefilled in one step (bounds activation memory).
+    pub max_prefill_tokens: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// An EOS id was sampled.
+    Stop,
+    /// `max_new_tokens` reached, or the model's context is full.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenOutput {
+    /// Generated ids, without the EOS that stopped them.
+    pub tokens: Vec<u32>,
+    pub finish: FinishReason,
+}
+
+struct Slot {
+    request: usize,
+    /// Tokens already in this slot's cache.
+    cached: usize,
+    /// Tokens to feed at the next step (the prompt, then each sampled token).
+    pending: Vec<u32>,
+    generated: Vec<u32>,
+}
+
+/// Generates a response for every request, in request order. `on_token` is called once per
+/// generated token (progress bars).
+pub fn generate<B: Backend>(
+    b: &B,
+    model: &mut Llama<B>,
+    requests: &[GenRequest],
+    opts: &GenOptions,
+    mut on_token: impl FnMut(usize),
+) -> Result<Vec<GenOutput>> {
+    opts.sampling.validate()?;
+    ensure!(opts.batch_size > 0, "batch size must be at least 1");
+    ensure!(opts.max_new_tokens > 0, "max_new_tokens must be at least 1");
+    let ctx = model.cfg.max_position_embeddings;
+    for (i, r) in requests.iter().enumerate() {
+        if r.prompt_ids.is_empty() {
+            bail!("request {i} (prompt {}) has an empty prompt", r.prompt_id);
+        }
+        if r.prompt_ids.len() >= ctx {
+            bail!(
+                "prompt {} has {} tokens, the model's context is {ctx}: no room for a response (shorten the prompt)",
+                r.prompt_id,
+                r.prompt_ids.len()
+            );
+        }
+    }
+    if requests.is_empty() {
+        return Ok(vec![]);
+    }
+    // Each slot's cache region fits the longest prompt plus the response, within the context.
+    let longest = requests.iter().map(|r| r.prompt_ids.len()).max().unwrap_or(0);
+    let region = (longest + opts.max_new_tokens).min(ctx);
+    let slots_n = opts.batch_size.min(requests.len());
+    model.ensure_positions(b, region)?;
+    let mut cache = model.alloc_kv_cache(b, slots_n * region)?;
+    let vocab = model.cfg.vocab_size;
+
+    let mut outputs: Vec<Option<GenOutput>> = vec![None; requests.len()];
+    let mut next_request = 0;
+    let mut slots: Vec<Option<Slot>> = (0..slots_n).map(|_| None).collect();
+    let mut scratch = SamplerScratch::default();
+    let keys: Vec<RngKey> = requests
+        .iter()
+        .map(|r| RngKey::new(opts.seed, opts.iteration, Stream::Sampling, prompt_key(&r.prompt_id), r.sample_index))
+        .collect();
+
+    loop {
+        // Admit waiting requests into free slots, within the prefill budget.
+        let mut prefill = 0;
+        for slot in slots.iter_mut().filter(|s| s.is_none()) {
+            let Some(r) = requests.get(next_request) else { break };
+            if prefill > 0 && prefill + r.prompt_ids.len() > opts.max_prefill_tokens {
+                break;
+            }
+            prefill += r.prompt_ids.len();
+            *slot = Some(Slot { request: next_request, cached: 0, pending: r.prompt_ids.clone(), generated: vec![] });
+            next_request += 1;
+        }
+        if slots.iter().all(Option::is_none) {
+            break;
+        }
+
+        // One packed forward over every active slot's pending tokens.
+        let (mut tokens, mut positions, mut rows, mut seqs, mut last_rows, mut active) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for (si, slot) in slots.iter().enumerate() {
+            let Some(s) = slot else { continue };
+            let q_start = tokens.len();
+            for (j, &t) in s.pending.iter().enumerate() {
+                tokens.push(t);
+                positions.push((s.cached + j) as u32);
+                rows.push((si * region + s.cached + j) as u32);
+            }
+            let k_len = s.cached + s.pending.len();
+            seqs.push(AttnSeq { q_start, q_len: s.pending.len(), k_start: si * region, k_len });
+            last_rows.push((tokens.len() - 1) as u32);
+            active.push(si);
+        }
+        let logits = model.forward_cached(b, &tokens, &positions, &mut cache, &rows, &seqs, &last_rows)?;
+
+        for (j, &si) in active.iter().enumerate() {
+            let Some(s) = slots[si].as_mut() else { continue };
+            s.cached += s.pending.len();
+            let row = &logits[j * vocab..(j + 1) * vocab];
+            let u = keys[s.request].uniform(s.generated.len() as u64);
+            let tok = sample(row, &opts.sampling, u, &mut scratch)?;
+            on_token(1);
+            let finish = if opts.eos_ids.contains(&tok) {
+                Some(FinishReason::Stop)
+            } else {
+                s.generated.push(tok);
+                if s.generated.len() >= opts.max_new_tokens || s.cached + 1 >= region {
+                    Some(FinishReason::Length)
+                } else {
+                    None
+                }
+            };
+            match finish {
+                Some(f) => {
+                    outputs[s.request] = Some(GenOutput { tokens: std::mem::take(&mut s.generated), finish: f });
+                    slots[si] = None;
+                }
+                None => s.pending = vec![tok],
+            }
+        }
+    }
+    outputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| o.ok_or_else(|| anyhow::anyhow!("internal: request {i} was never finished")))
+        .collect()
+}
