@@ -80,7 +80,11 @@ fn proj(r: &[f32], y: &[f32]) -> f64 {
 fn check_grad(name: &str, x: &[f32], analytic: &[f32], loss: &dyn Fn(&[f32]) -> f64, rng: &mut Rng) {
     assert_eq!(x.len(), analytic.len(), "{name}: gradient length");
     assert!(analytic.iter().all(|g| g.is_finite()), "{name}: non-finite analytic gradient");
+    // Central differences in f32 with this step are good to ~1e-4 relative on these smooth ops, so
+    // RTOL catches a gradient off by a fraction of a percent. The absolute floor covers f32 rounding
+    // of the forward (worst seen: 0.6 of the bound, on LM-head weight entries of non-target rows).
     let h = 1e-2f32;
+    const RTOL: f64 = 3e-3;
     let n = x.len();
     let rms = (analytic.iter().map(|&g| f64::from(g).powi(2)).sum::<f64>() / n as f64).sqrt().max(1e-6);
     assert!(rms > 1e-5, "{name}: gradient is (almost) zero everywhere; the test would prove nothing");
@@ -98,7 +102,7 @@ fn check_grad(name: &str, x: &[f32], analytic: &[f32], loss: &dyn Fn(&[f32]) -> 
         let fd = (lp - lm) / (f64::from(x[i] + h) - f64::from(x[i] - h));
         let a = f64::from(analytic[i]);
         assert!(
-            (a - fd).abs() <= 2e-2 * fd.abs() + 5e-3 * rms,
+            (a - fd).abs() <= RTOL * fd.abs() + 1e-3 * rms,
             "{name}: ∂L/∂x[{i}] analytic {a:.6e} vs finite difference {fd:.6e} (gradient rms {rms:.3e})"
         );
     }
@@ -108,7 +112,7 @@ fn check_grad(name: &str, x: &[f32], analytic: &[f32], loss: &dyn Fn(&[f32]) -> 
     let fd = (loss(&plus) - loss(&minus)) / (2.0 * f64::from(h));
     let a: f64 = analytic.iter().zip(&u).map(|(&g, &u)| f64::from(g) * f64::from(u)).sum();
     assert!(
-        (a - fd).abs() <= 2e-2 * fd.abs() + 5e-3 * rms * (n as f64).sqrt(),
+        (a - fd).abs() <= RTOL * fd.abs() + 1e-4 * rms * (n as f64).sqrt(),
         "{name}: directional derivative analytic {a:.6e} vs finite difference {fd:.6e}"
     );
 }
