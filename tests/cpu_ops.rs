@@ -400,8 +400,8 @@ fn rope() {
     let mut y = x.clone();
     be.rope_forward(&mut y, &cos, &sin, &positions, heads, hd).expect("rope_forward");
     let mut want = vec![0.0f64; x.len()];
-    for t in 0..n {
-        let pos = positions[t] as usize;
+    for (t, &pos) in positions.iter().enumerate() {
+        let pos = pos as usize;
         for h in 0..heads {
             let base = (t * heads + h) * hd;
             for i in 0..half {

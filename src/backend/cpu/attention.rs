@@ -264,3 +264,35 @@ pub(super) fn backward(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `visible` against the definition in `AttnMask`'s doc, by brute force.
+    #[test]
+    fn visible_matches_definition() {
+        for k_len in 1..12 {
+            for p in 0..k_len {
+                for window in [None, Some(1), Some(2), Some(5), Some(40)] {
+                    let (lo, hi) = visible(AttnMask::Causal { window }, p, k_len);
+                    for j in 0..k_len {
+                        let want = j <= p && window.is_none_or(|w| p - j < w);
+                        assert_eq!((lo..hi).contains(&j), want, "p {p} j {j} window {window:?}");
+                    }
+                }
+                assert_eq!(visible(AttnMask::Bidirectional, p, k_len), (0, k_len));
+            }
+        }
+    }
+
+    #[test]
+    fn dot_matches_naive() {
+        for n in [0usize, 1, 7, 8, 9, 31] {
+            let a: Vec<f32> = (0..n).map(|i| i as f32 * 0.5 - 3.0).collect();
+            let b: Vec<f32> = (0..n).map(|i| 1.0 - i as f32 * 0.25).collect();
+            let want: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+            assert!((dot(&a, &b) - want).abs() <= 1e-4 * want.abs().max(1.0), "n {n}");
+        }
+    }
+}

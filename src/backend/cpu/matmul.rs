@@ -121,3 +121,33 @@ pub(super) fn backward_weight(be: &CpuBackend, dweight: &mut [f32], dout: &[f32]
     let rhs = Mat { data: inp, rs: in_dim, cs: 1 };
     gemm(be, op, out_dim, in_dim, n, dweight, in_dim, 1, true, lhs, rhs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fits_bounds() {
+        // A (3, 4) row-major matrix needs 12 elements; its transpose view (rs 1, cs 4) too.
+        assert!(fits(12, 3, 4, 4, 1));
+        assert!(!fits(11, 3, 4, 4, 1));
+        assert!(fits(12, 4, 3, 1, 4));
+        assert!(fits(0, 0, 5, 5, 1));
+        assert!(!fits(usize::MAX, 2, 2, usize::MAX, 1));
+    }
+
+    /// The NaN-poison guarantee of `gemm` without `accumulate`: dst is never read.
+    #[test]
+    fn overwrite_does_not_read_dst() -> Result<()> {
+        let be = CpuBackend::new(Some(1))?;
+        let op = Op::new("test", file!());
+        let mut dst = vec![f32::NAN; 4];
+        let a = [1.0, 2.0, 3.0, 4.0];
+        gemm(&be, op, 2, 2, 2, &mut dst, 2, 1, false, Mat { data: &a, rs: 2, cs: 1 }, Mat { data: &a, rs: 2, cs: 1 })?;
+        assert_eq!(dst, vec![7.0, 10.0, 15.0, 22.0]);
+        let mut dst = vec![f32::NAN; 4];
+        gemm(&be, op, 2, 2, 0, &mut dst, 2, 1, false, Mat { data: &[], rs: 0, cs: 1 }, Mat { data: &[], rs: 2, cs: 1 })?;
+        assert_eq!(dst, vec![0.0; 4], "an empty product is zero");
+        Ok(())
+    }
+}

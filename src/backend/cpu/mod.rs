@@ -113,7 +113,7 @@ impl Op {
         if width == 0 {
             return Err(self.err(format_args!("{what}: row width is 0")));
         }
-        if len % width != 0 {
+        if !len.is_multiple_of(width) {
             return Err(self.err(format_args!("{what} has {len} elements, not a multiple of the row width {width}")));
         }
         Ok(len / width)

@@ -24,7 +24,7 @@ pub(super) fn apply(
     head_dim: usize,
 ) -> Result<()> {
     let op = Op::new(if dir == Direction::Forward { "rope_forward" } else { "rope_backward" }, file!());
-    if head_dim == 0 || head_dim % 2 != 0 {
+    if head_dim == 0 || !head_dim.is_multiple_of(2) {
         return Err(op.err(format_args!("head_dim {head_dim} must be even and nonzero")));
     }
     let half = head_dim / 2;
