@@ -1,0 +1,153 @@
+//! Matrix products of the HF Linear layout through the `gemm` crate:
+//! forward `out (N, OC) = inp (N, IC) · weightᵀ`, backward `dinp (N, IC) (+)= dout (N, OC) · weight`
+//! and `dweight (OC, IC) += doutᵀ · inp`. Also the checked `gemm` wrapper the LM head uses.
+
+use anyhow::Result;
+
+use super::{CpuBackend, Op};
+
+/// A read-only strided matrix: element (i, j) is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub(super) struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+/// Whether every element of a (rows, cols) matrix with strides (rs, cs) lies inside `len`.
+fn fits(len: usize, rows: usize, cols: usize, rs: usize, cs: usize) -> bool {
+    if rows == 0 || cols == 0 {
+        return true;
+    }
+    let last = (rows - 1).checked_mul(rs).and_then(|a| (cols - 1).checked_mul(cs).and_then(|b| a.checked_add(b)));
+    matches!(last, Some(last) if last < len)
+}
+
+/// `dst (m, n) = [dst +] lhs (m, k) · rhs (k, n)`; `accumulate` reads dst, otherwise dst is only
+/// written. Every matrix is bounds-checked against its slice before the unsafe call.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm(
+    be: &CpuBackend,
+    op: Op,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    dst_cs: usize,
+    accumulate: bool,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+) -> Result<()> {
+    if !fits(dst.len(), m, n, dst_rs, dst_cs) || !fits(lhs.data.len(), m, k, lhs.rs, lhs.cs) || !fits(rhs.data.len(), k, n, rhs.rs, rhs.cs) {
+        return Err(op.err(format_args!(
+            "internal: gemm ({m}x{k})·({k}x{n}) does not fit its buffers (dst {}, lhs {}, rhs {})",
+            dst.len(),
+            lhs.data.len(),
+            rhs.data.len()
+        )));
+    }
+    let stride = |s: usize| isize::try_from(s).map_err(|_| op.err(format_args!("stride {s} overflows isize")));
+    let (dst_rs, dst_cs) = (stride(dst_rs)?, stride(dst_cs)?);
+    let (lhs_rs, lhs_cs, rhs_rs, rhs_cs) = (stride(lhs.rs)?, stride(lhs.cs)?, stride(rhs.rs)?, stride(rhs.cs)?);
+    // SAFETY: `fits` checked that every element addressed by (m, n, k) and the strides lies inside
+    // its slice; `dst` is a unique borrow, so it aliases neither input; `gemm` is called with f32,
+    // one of its supported types. With `read_dst` false gemm computes dst = 1·lhs·rhs without
+    // reading dst (alpha is ignored), so NaN garbage in dst does not leak through.
+    unsafe {
+        gemm::gemm::<f32>(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_cs,
+            dst_rs,
+            accumulate,
+            lhs.data.as_ptr(),
+            lhs_cs,
+            lhs_rs,
+            rhs.data.as_ptr(),
+            rhs_cs,
+            rhs_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            be.gemm_par(m, n, k),
+        );
+    }
+    Ok(())
+}
+
+/// out (N, OC) = inp (N, IC) · weightᵀ, weight (OC, IC). Overwrites out.
+pub(super) fn forward(be: &CpuBackend, out: &mut [f32], inp: &[f32], weight: &[f32], in_dim: usize, out_dim: usize) -> Result<()> {
+    let op = Op::new("matmul_forward", file!());
+    let n = op.rows("inp", inp.len(), in_dim)?;
+    op.len("out", out.len(), op.mul(n, out_dim)?)?;
+    op.len("weight", weight.len(), op.mul(out_dim, in_dim)?)?;
+    // weightᵀ as a (IC, OC) matrix: element (i, o) is weight[o * IC + i].
+    let wt = Mat { data: weight, rs: 1, cs: in_dim };
+    gemm(be, op, n, out_dim, in_dim, out, out_dim, 1, false, Mat { data: inp, rs: in_dim, cs: 1 }, wt)
+}
+
+/// dinp (N, IC) (+)= dout (N, OC) · weight (OC, IC).
+pub(super) fn backward_input(
+    be: &CpuBackend,
+    dinp: &mut [f32],
+    dout: &[f32],
+    weight: &[f32],
+    in_dim: usize,
+    out_dim: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let op = Op::new("matmul_backward_input", file!());
+    let n = op.rows("dout", dout.len(), out_dim)?;
+    op.len("dinp", dinp.len(), op.mul(n, in_dim)?)?;
+    op.len("weight", weight.len(), op.mul(out_dim, in_dim)?)?;
+    let lhs = Mat { data: dout, rs: out_dim, cs: 1 };
+    let rhs = Mat { data: weight, rs: in_dim, cs: 1 };
+    gemm(be, op, n, in_dim, out_dim, dinp, in_dim, 1, accumulate, lhs, rhs)
+}
+
+/// dweight (OC, IC) += doutᵀ (OC, N) · inp (N, IC).
+pub(super) fn backward_weight(be: &CpuBackend, dweight: &mut [f32], dout: &[f32], inp: &[f32], in_dim: usize, out_dim: usize) -> Result<()> {
+    let op = Op::new("matmul_backward_weight", file!());
+    let n = op.rows("inp", inp.len(), in_dim)?;
+    op.len("dout", dout.len(), op.mul(n, out_dim)?)?;
+    op.len("dweight", dweight.len(), op.mul(out_dim, in_dim)?)?;
+    // doutᵀ as an (OC, N) matrix: element (o, t) is dout[t * OC + o].
+    let lhs = Mat { data: dout, rs: 1, cs: out_dim };
+    let rhs = Mat { data: inp, rs: in_dim, cs: 1 };
+    gemm(be, op, out_dim, in_dim, n, dweight, in_dim, 1, true, lhs, rhs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fits_bounds() {
+        // A (3, 4) row-major matrix needs 12 elements; its transpose view (rs 1, cs 4) too.
+        assert!(fits(12, 3, 4, 4, 1));
+        assert!(!fits(11, 3, 4, 4, 1));
+        assert!(fits(12, 4, 3, 1, 4));
+        assert!(fits(0, 0, 5, 5, 1));
+        assert!(!fits(usize::MAX, 2, 2, usize::MAX, 1));
+    }
+
+    /// The NaN-poison guarantee of `gemm` without `accumulate`: dst is never read.
+    #[test]
+    fn overwrite_does_not_read_dst() -> Result<()> {
+        let be = CpuBackend::new(Some(1))?;
+        let op = Op::new("test", file!());
+        let mut dst = vec![f32::NAN; 4];
+        let a = [1.0, 2.0, 3.0, 4.0];
+        gemm(&be, op, 2, 2, 2, &mut dst, 2, 1, false, Mat { data: &a, rs: 2, cs: 1 }, Mat { data: &a, rs: 2, cs: 1 })?;
+        assert_eq!(dst, vec![7.0, 10.0, 15.0, 22.0]);
+        let mut dst = vec![f32::NAN; 4];
+        gemm(&be, op, 2, 2, 0, &mut dst, 2, 1, false, Mat { data: &[], rs: 0, cs: 1 }, Mat { data: &[], rs: 2, cs: 1 })?;
+        assert_eq!(dst, vec![0.0; 4], "an empty product is zero");
+        Ok(())
+    }
+}
