@@ -106,11 +106,11 @@ pub fn generate<B: Backend>(
     let mut outputs: Vec<Option<GenOutput>> = vec![None; requests.len()];
     let mut next_request = 0;
     let mut slots: Vec<Option<Slot>> = (0..slots_n).map(|_| None).collect();
-    let mut scratch = SamplerScratch::default();
+    let mut scratch = SamplerScratch::new();
     let keys: Vec<RngKey> = requests
         .iter()
         .map(|r| RngKey::new(opts.seed, opts.iteration, Stream::Sampling, prompt_key(&r.prompt_id), r.sample_index))
-        .collect();
+        .collect::<Result<_>>()?;
 
     loop {
         // Admit waiting requests into free slots, within the prefill budget.

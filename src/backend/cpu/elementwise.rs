@@ -67,3 +67,18 @@ pub(super) fn scatter_rows(dst: &mut [f32], src: &[f32], index: &[u32], width: u
     }
     Ok(())
 }
+
+/// dst[r] = src[index[r]] row by row (the last row of each sequence, for logits).
+pub(super) fn gather_rows(dst: &mut [f32], src: &[f32], index: &[u32], width: usize) -> Result<()> {
+    let op = Op::new("gather_rows", file!());
+    let src_rows = op.rows("src", src.len(), width)?;
+    op.len("dst", dst.len(), op.mul(index.len(), width)?)?;
+    if let Some((r, &bad)) = index.iter().enumerate().find(|(_, &i)| i as usize >= src_rows) {
+        return Err(op.err(format_args!("index[{r}] = {bad} is out of range for src of {src_rows} rows of {width}")));
+    }
+    for (row, &i) in dst.chunks_exact_mut(width).zip(index) {
+        let i = i as usize;
+        row.copy_from_slice(&src[i * width..(i + 1) * width]);
+    }
+    Ok(())
+}

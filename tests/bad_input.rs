@@ -1,0 +1,193 @@
+//! Bad input gets a clear error naming the file and the problem, a non-zero exit, never a panic.
+//! Each case runs the real `sppo` binary.
+
+mod common;
+
+use common::repo_root;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn sppo(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sppo")).args(args).env("SPPO_THREADS", "1").output().expect("running sppo");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!stderr.contains("panicked"), "sppo {args:?} panicked:\n{stderr}");
+    (out.status.success(), stderr)
+}
+
+fn expect_error(args: &[&str], must_mention: &[&str]) {
+    let (ok, stderr) = sppo(args);
+    assert!(!ok, "sppo {args:?} succeeded but should have failed");
+    for m in must_mention {
+        assert!(stderr.contains(m), "sppo {args:?}: the error should mention {m:?}:\n{stderr}");
+    }
+}
+
+/// A copy of the tiny llama_gqa fixture model to corrupt.
+fn model_copy(tmp: &Path) -> PathBuf {
+    let src = repo_root().join("tests/fixtures/hf/llama_gqa/model");
+    let dst = tmp.join("model");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+    }
+    dst
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+/// A logprobs data file with one valid token-id example.
+fn data_file(tmp: &Path) -> PathBuf {
+    let p = tmp.join("data.jsonl");
+    write(&p, "{\"prompt_ids\": [1, 5, 9], \"response_ids\": [4, 7]}\n");
+    p
+}
+
+#[test]
+fn valid_token_id_input_works() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    let data = data_file(tmp.path());
+    let out = tmp.path().join("out.jsonl");
+    let (ok, stderr) = sppo(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let line: serde_json::Value = serde_json::from_str(std::fs::read_to_string(out).unwrap().trim()).unwrap();
+    assert_eq!(line["num_response_tokens"], 2);
+    assert!(line["sum_logprob"].as_f64().unwrap() < 0.0);
+}
+
+#[test]
+fn missing_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    std::fs::remove_file(model.join("config.json")).unwrap();
+    let data = data_file(tmp.path());
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()], &["config.json", "cannot read"]);
+}
+
+#[test]
+fn malformed_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    write(&model.join("config.json"), "{\"architectures\": [\"LlamaForCausalLM\"], \"hidden_size\": ");
+    let data = data_file(tmp.path());
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()], &["config.json", "malformed JSON"]);
+}
+
+#[test]
+fn unsupported_architecture() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    let cfg = std::fs::read_to_string(model.join("config.json")).unwrap().replace("LlamaForCausalLM", "GPT2LMHeadModel").replace("\"llama\"", "\"gpt2\"");
+    write(&model.join("config.json"), &cfg);
+    let data = data_file(tmp.path());
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()], &["config.json", "GPT2LMHeadModel"]);
+}
+
+#[test]
+fn truncated_safetensors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    let st = model.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    let data = data_file(tmp.path());
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()], &["model.safetensors"]);
+}
+
+#[test]
+fn unsupported_tensor_dtype() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    // Re-write the checkpoint with one tensor stored as int32.
+    let tensors = sppo::model::weights::read_all_f32(&model.join("model.safetensors")).unwrap();
+    let encoded: Vec<(String, Vec<usize>, Vec<u8>, safetensors::Dtype)> = tensors
+        .iter()
+        .map(|(name, (shape, vals))| {
+            if name == "model.norm.weight" {
+                (name.clone(), shape.clone(), vals.iter().flat_map(|&v| (v as i32).to_le_bytes()).collect(), safetensors::Dtype::I32)
+            } else {
+                (name.clone(), shape.clone(), vals.iter().flat_map(|v| v.to_le_bytes()).collect(), safetensors::Dtype::F32)
+            }
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        encoded.iter().map(|(n, s, b, d)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    std::fs::write(model.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    let data = data_file(tmp.path());
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()], &["model.norm.weight", "I32"]);
+}
+
+#[test]
+fn wrong_tensor_shape_and_missing_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    let cfg = std::fs::read_to_string(model.join("config.json")).unwrap().replace("\"intermediate_size\": 80", "\"intermediate_size\": 96");
+    write(&model.join("config.json"), &cfg);
+    let data = data_file(tmp.path());
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()], &["gate_proj", "shape"]);
+    let cfg = cfg.replace("\"intermediate_size\": 96", "\"intermediate_size\": 80").replace("\"num_hidden_layers\": 2", "\"num_hidden_layers\": 3");
+    write(&model.join("config.json"), &cfg);
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()], &["model.layers.2", "missing"]);
+}
+
+#[test]
+fn tokenizer_vocabulary_does_not_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    // MiniLM's tokenizer (30522 tokens) with a 128-token model.
+    let tok = repo_root().join(".cache/models/all-MiniLM-L6-v2/tokenizer.json");
+    if !tok.exists() {
+        eprintln!("skipped: {} missing (run scripts/setup)", tok.display());
+        return;
+    }
+    std::fs::copy(&tok, model.join("tokenizer.json")).unwrap();
+    write(&model.join("tokenizer_config.json"), r#"{"chat_template": "{{ messages[0].content }}", "eos_token": "[SEP]"}"#);
+    expect_error(&["generate", "--model", model.to_str().unwrap(), "--prompt", "hi"], &["tokenizer.json", "30522", "128"]);
+}
+
+#[test]
+fn prompt_longer_than_context() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    let p = tmp.path().join("long.jsonl");
+    let ids: Vec<String> = (0..300).map(|i| (i % 100).to_string()).collect();
+    write(&p, &format!("{{\"prompt_ids\": [{}], \"response_ids\": [3]}}\n", ids.join(",")));
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", p.to_str().unwrap()], &["context", "256"]);
+}
+
+#[test]
+fn malformed_jsonl_names_the_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    let p = tmp.path().join("bad.jsonl");
+    write(&p, "{\"prompt_ids\": [1, 2], \"response_ids\": [3]}\n\n{\"prompt_ids\": [1, 2], \"response_ids\": [3\n");
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", p.to_str().unwrap()], &["bad.jsonl:3", "malformed JSON"]);
+    write(&p, "{\"prompt_ids\": [1, -2], \"response_ids\": [3]}\n");
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", p.to_str().unwrap()], &["bad.jsonl:1", "prompt_ids"]);
+    write(&p, "{\"prompt_ids\": [1, 500], \"response_ids\": [3]}\n");
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", p.to_str().unwrap()], &["500", "vocabulary"]);
+}
+
+#[test]
+fn truncated_gguf() {
+    let Some(gguf) = common::smollm2_gguf() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let cut = tmp.path().join("cut.gguf");
+    let bytes = std::fs::read(&gguf).unwrap();
+    for frac in [0.0001, 0.01, 0.5] {
+        std::fs::write(&cut, &bytes[..(bytes.len() as f64 * frac) as usize]).unwrap();
+        let out = tmp.path().join("out");
+        expect_error(&["convert", "--from-gguf", cut.to_str().unwrap(), "--out", out.to_str().unwrap()], &["cut.gguf"]);
+        assert!(!out.exists(), "a failed conversion left {}", out.display());
+    }
+}
+
+#[test]
+fn missing_prompt_file_and_bad_flags() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", "/nonexistent/x.jsonl"], &["/nonexistent/x.jsonl"]);
+}
