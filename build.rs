@@ -36,7 +36,6 @@
 //! `cargo:rustc-link-lib=static=sppo_kernels_host`, and adds `kernels/host/**` to the rerun list
 //! (already covered: the whole `kernels/` tree is watched).
 
-use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -91,11 +90,8 @@ fn run() -> Result<(), String> {
     println!("cargo:rerun-if-changed={}", nvcc.display());
     check_version(&nvcc)?;
 
-    let extra: Vec<String> = std::env::var("NVCC_FLAGS")
-        .unwrap_or_default()
-        .split_whitespace()
-        .map(str::to_owned)
-        .collect();
+    let extra: Vec<String> =
+        std::env::var("NVCC_FLAGS").unwrap_or_default().split_whitespace().map(str::to_owned).collect();
 
     let results = compile_all(&nvcc, &kernels_dir, &out_dir, &kernels, &extra);
     let mut errors = String::new();
@@ -157,7 +153,7 @@ fn find_nvcc(manifest_dir: &Path) -> Result<PathBuf, String> {
         _ => tried.push("$CUDA_HOME: not set".to_string()),
     }
     candidates.push(("project .tools".into(), manifest_dir.join(PROJECT_NVCC)));
-    let path = std::env::var_os("PATH").unwrap_or_else(OsString::new);
+    let path = std::env::var_os("PATH").unwrap_or_default();
     let on_path = std::env::split_paths(&path).map(|d| d.join("nvcc")).find(|p| p.is_file());
     for (what, p) in candidates {
         if p.is_file() {
@@ -226,10 +222,8 @@ fn compile_all(
     extra: &[String],
 ) -> Vec<Result<(f64, String), String>> {
     std::thread::scope(|s| {
-        let handles: Vec<_> = kernels
-            .iter()
-            .map(|src| s.spawn(move || compile_one(nvcc, kernels_dir, out_dir, src, extra)))
-            .collect();
+        let handles: Vec<_> =
+            kernels.iter().map(|src| s.spawn(move || compile_one(nvcc, kernels_dir, out_dir, src, extra))).collect();
         handles
             .into_iter()
             .zip(kernels)
@@ -238,7 +232,13 @@ fn compile_all(
     })
 }
 
-fn compile_one(nvcc: &Path, kernels_dir: &Path, out_dir: &Path, src: &Path, extra: &[String]) -> Result<(f64, String), String> {
+fn compile_one(
+    nvcc: &Path,
+    kernels_dir: &Path,
+    out_dir: &Path,
+    src: &Path,
+    extra: &[String],
+) -> Result<(f64, String), String> {
     let stem = stem(src)?;
     let dest = out_dir.join(format!("{stem}.fatbin"));
     let tmp = out_dir.join(format!("{stem}.fatbin.tmp{}", std::process::id()));
@@ -250,14 +250,22 @@ fn compile_one(nvcc: &Path, kernels_dir: &Path, out_dir: &Path, src: &Path, extr
     let log = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(format!("--- nvcc failed on {} ({}) ---\ncommand: {:?}\n{}", src.display(), out.status, cmd, log.trim_end()));
+        return Err(format!(
+            "--- nvcc failed on {} ({}) ---\ncommand: {:?}\n{}",
+            src.display(),
+            out.status,
+            cmd,
+            log.trim_end()
+        ));
     }
-    std::fs::rename(&tmp, &dest).map_err(|e| format!("{}: cannot rename {} to {}: {e}", src.display(), tmp.display(), dest.display()))?;
+    std::fs::rename(&tmp, &dest)
+        .map_err(|e| format!("{}: cannot rename {} to {}: {e}", src.display(), tmp.display(), dest.display()))?;
     Ok((secs, log))
 }
 
 fn stem(src: &Path) -> Result<String, String> {
-    let stem = src.file_stem().and_then(|s| s.to_str()).ok_or_else(|| format!("{}: not a UTF-8 file name", src.display()))?;
+    let stem =
+        src.file_stem().and_then(|s| s.to_str()).ok_or_else(|| format!("{}: not a UTF-8 file name", src.display()))?;
     let ok = stem.chars().next().is_some_and(|c| c.is_ascii_lowercase())
         && stem.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
     if !ok || stem == "all" {
@@ -280,7 +288,11 @@ fn generate_rs(kernels: &[PathBuf], out_dir: &Path) -> Result<String, String> {
         );
         names.push(konst);
     }
-    let _ = writeln!(rs, "/// Every kernel file, indexed by `Kernel::id`.\npub static ALL: &[Kernel] = &[{}];", names.join(", "));
+    let _ = writeln!(
+        rs,
+        "/// Every kernel file, indexed by `Kernel::id`.\npub static ALL: &[Kernel] = &[{}];",
+        names.join(", ")
+    );
     Ok(rs)
 }
 
@@ -288,5 +300,6 @@ fn generate_rs(kernels: &[PathBuf], out_dir: &Path) -> Result<String, String> {
 fn write_file(path: &Path, bytes: &[u8]) -> Result<(), String> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(|e| format!("build.rs: cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("build.rs: cannot rename {} to {}: {e}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path)
+        .map_err(|e| format!("build.rs: cannot rename {} to {}: {e}", tmp.display(), path.display()))
 }

@@ -113,8 +113,17 @@ fn rmsnorm_forward_f32() {
                 let d_w = dev.upload(&weight).unwrap();
                 let mut d_out = dev.upload(&vec![f32::NAN; n * c]).unwrap();
                 let mut d_rstd = dev.upload(&vec![f32::NAN; n]).unwrap();
-                rmsnorm_forward(&dev, v, &mut d_out.as_view_mut(), &mut d_rstd.as_view_mut(), &d_inp.as_view(), &d_w.as_view(), c, EPS)
-                    .unwrap_or_else(|e| panic!("{case}: {e}"));
+                rmsnorm_forward(
+                    &dev,
+                    v,
+                    &mut d_out.as_view_mut(),
+                    &mut d_rstd.as_view_mut(),
+                    &d_inp.as_view(),
+                    &d_w.as_view(),
+                    c,
+                    EPS,
+                )
+                .unwrap_or_else(|e| panic!("{case}: {e}"));
                 dev.synchronize().unwrap_or_else(|e| panic!("{case}: {e}"));
                 assert_close(&format!("{case} out"), &dev.download(&d_out).unwrap(), &want_out, 1e-6, 1e-5);
                 assert_close(&format!("{case} rstd"), &dev.download(&d_rstd).unwrap(), &want_rstd, 0.0, 1e-5);
@@ -139,9 +148,21 @@ fn rmsnorm_forward_bf16() {
                 let d_w = dev.upload(&weight).unwrap();
                 let mut d_out = dev.upload(&vec![bf16::NAN; n * c]).unwrap();
                 let mut d_rstd = dev.upload(&vec![f32::NAN; n]).unwrap();
-                let res = rmsnorm_forward(&dev, v, &mut d_out.as_view_mut(), &mut d_rstd.as_view_mut(), &d_inp.as_view(), &d_w.as_view(), c, EPS);
+                let res = rmsnorm_forward(
+                    &dev,
+                    v,
+                    &mut d_out.as_view_mut(),
+                    &mut d_rstd.as_view_mut(),
+                    &d_inp.as_view(),
+                    &d_w.as_view(),
+                    c,
+                    EPS,
+                );
                 if v.forward_kernel(DType::Bf16).is_none() {
-                    assert!(matches!(res, Err(CudaError::UnsupportedDtype { .. })), "{case}: expected UnsupportedDtype, got {res:?}");
+                    assert!(
+                        matches!(res, Err(CudaError::UnsupportedDtype { .. })),
+                        "{case}: expected UnsupportedDtype, got {res:?}"
+                    );
                     continue;
                 }
                 res.unwrap_or_else(|e| panic!("{case}: {e}"));
@@ -187,7 +208,10 @@ fn rmsnorm_backward_f32() {
                     c,
                 );
                 if v.backward_kernel(DType::F32).is_none() {
-                    assert!(matches!(res, Err(CudaError::UnsupportedDtype { .. })), "{case}: expected UnsupportedDtype, got {res:?}");
+                    assert!(
+                        matches!(res, Err(CudaError::UnsupportedDtype { .. })),
+                        "{case}: expected UnsupportedDtype, got {res:?}"
+                    );
                     continue;
                 }
                 res.unwrap_or_else(|e| panic!("{case}: {e}"));
@@ -213,12 +237,63 @@ fn rmsnorm_rejects_bad_shapes() {
     };
     let v = RmsNormVariant::Warp;
     // inp not a multiple of dim
-    expect_shape_err(rmsnorm_forward(&dev, v, &mut out.as_view_mut(), &mut rstd.as_view_mut(), &inp.slice(1..), &w.as_view(), c, EPS), "not a multiple");
+    expect_shape_err(
+        rmsnorm_forward(
+            &dev,
+            v,
+            &mut out.as_view_mut(),
+            &mut rstd.as_view_mut(),
+            &inp.slice(1..),
+            &w.as_view(),
+            c,
+            EPS,
+        ),
+        "not a multiple",
+    );
     // out one row short
-    expect_shape_err(rmsnorm_forward(&dev, v, &mut out.slice_mut(c..), &mut rstd.as_view_mut(), &inp.as_view(), &w.as_view(), c, EPS), "out has");
+    expect_shape_err(
+        rmsnorm_forward(
+            &dev,
+            v,
+            &mut out.slice_mut(c..),
+            &mut rstd.as_view_mut(),
+            &inp.as_view(),
+            &w.as_view(),
+            c,
+            EPS,
+        ),
+        "out has",
+    );
     // rstd too short
-    expect_shape_err(rmsnorm_forward(&dev, v, &mut out.as_view_mut(), &mut rstd.slice_mut(1..), &inp.as_view(), &w.as_view(), c, EPS), "rstd has");
+    expect_shape_err(
+        rmsnorm_forward(
+            &dev,
+            v,
+            &mut out.as_view_mut(),
+            &mut rstd.slice_mut(1..),
+            &inp.as_view(),
+            &w.as_view(),
+            c,
+            EPS,
+        ),
+        "rstd has",
+    );
     // weight too long for dim
-    expect_shape_err(rmsnorm_forward(&dev, v, &mut out.as_view_mut(), &mut rstd.as_view_mut(), &inp.as_view(), &inp.slice(..2 * c), c, EPS), "weight has");
-    expect_shape_err(rmsnorm_forward(&dev, v, &mut out.as_view_mut(), &mut rstd.as_view_mut(), &inp.as_view(), &w.as_view(), 0, EPS), "dim is 0");
+    expect_shape_err(
+        rmsnorm_forward(
+            &dev,
+            v,
+            &mut out.as_view_mut(),
+            &mut rstd.as_view_mut(),
+            &inp.as_view(),
+            &inp.slice(..2 * c),
+            c,
+            EPS,
+        ),
+        "weight has",
+    );
+    expect_shape_err(
+        rmsnorm_forward(&dev, v, &mut out.as_view_mut(), &mut rstd.as_view_mut(), &inp.as_view(), &w.as_view(), 0, EPS),
+        "dim is 0",
+    );
 }

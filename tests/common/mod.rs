@@ -18,7 +18,11 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         let ratio = if g.is_nan() || w.is_nan() {
             f64::INFINITY
         } else if g.is_infinite() || w.is_infinite() {
-            if g == w { 0.0 } else { f64::INFINITY }
+            if g == w {
+                0.0
+            } else {
+                f64::INFINITY
+            }
         } else {
             (g as f64 - w as f64).abs() / (atol as f64 + rtol as f64 * (w as f64).abs())
         };

@@ -132,10 +132,17 @@ impl CudaDevice {
             }
             other => return Err(CudaError::Unavailable(other.unavailable_reason().unwrap_or_default())),
         }
-        let ctx = CudaContext::new(ordinal).map_err(CudaError::driver(format!("creating a context on device {ordinal}")))?;
+        let ctx =
+            CudaContext::new(ordinal).map_err(CudaError::driver(format!("creating a context on device {ordinal}")))?;
         let stream = ctx.new_stream().map_err(CudaError::driver(format!("creating a stream on device {ordinal}")))?;
         let name = ctx.name().map_err(CudaError::driver(format!("reading device {ordinal}'s name")))?;
-        Ok(CudaDevice { ctx, stream, name, modules: Mutex::new(vec![None; ALL.len()]), functions: Mutex::new(HashMap::new()) })
+        Ok(CudaDevice {
+            ctx,
+            stream,
+            name,
+            modules: Mutex::new(vec![None; ALL.len()]),
+            functions: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -157,17 +164,25 @@ impl CudaDevice {
 
     /// Waits for everything queued on [`Self::stream`]; kernel faults surface here.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(CudaError::driver(format!("synchronizing device {} ({})", self.ordinal(), self.name)))
+        self.stream.synchronize().map_err(CudaError::driver(format!(
+            "synchronizing device {} ({})",
+            self.ordinal(),
+            self.name
+        )))
     }
 
     /// A device copy of `host`.
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
-        self.stream.clone_htod(host).map_err(CudaError::driver(format!("copying {} elements to the device", host.len())))
+        self.stream
+            .clone_htod(host)
+            .map_err(CudaError::driver(format!("copying {} elements to the device", host.len())))
     }
 
     /// A host copy of `dev` (waits for the stream).
     pub fn download<T: DeviceRepr>(&self, dev: &CudaSlice<T>) -> Result<Vec<T>> {
-        self.stream.clone_dtoh(dev).map_err(CudaError::driver(format!("copying {} elements from the device", dev.len())))
+        self.stream
+            .clone_dtoh(dev)
+            .map_err(CudaError::driver(format!("copying {} elements from the device", dev.len())))
     }
 
     /// Function `kernel_name` of `kernel`'s fatbin, loading the fatbin on first use.
@@ -177,9 +192,11 @@ impl CudaDevice {
             return Ok(f.clone());
         }
         let module = self.module(kernel)?;
-        let f = module
-            .load_function(kernel_name)
-            .map_err(|source| CudaError::MissingKernel { module: kernel.name, kernel: kernel_name, source })?;
+        let f = module.load_function(kernel_name).map_err(|source| CudaError::MissingKernel {
+            module: kernel.name,
+            kernel: kernel_name,
+            source,
+        })?;
         lock(&self.functions).insert(kernel_name, f.clone());
         Ok(f)
     }
@@ -187,16 +204,22 @@ impl CudaDevice {
     fn module(&self, kernel: &Kernel) -> Result<Arc<CudaModule>> {
         let mut modules = lock(&self.modules);
         let slot = modules.get_mut(kernel.id).ok_or_else(|| {
-            CudaError::Unavailable(format!("kernel file {} has id {} outside ALL ({} files)", kernel.name, kernel.id, ALL.len()))
+            CudaError::Unavailable(format!(
+                "kernel file {} has id {} outside ALL ({} files)",
+                kernel.name,
+                kernel.id,
+                ALL.len()
+            ))
         })?;
         if let Some(m) = slot {
             return Ok(m.clone());
         }
         // cuModuleLoadData takes a fatbin as well as a cubin or PTX; cudarc calls it "binary".
-        let m = self
-            .ctx
-            .load_module(Ptx::from_binary(kernel.fatbin.to_vec()))
-            .map_err(|source| CudaError::Load { module: kernel.name, device: self.name.clone(), source })?;
+        let m = self.ctx.load_module(Ptx::from_binary(kernel.fatbin.to_vec())).map_err(|source| CudaError::Load {
+            module: kernel.name,
+            device: self.name.clone(),
+            source,
+        })?;
         *slot = Some(m.clone());
         Ok(m)
     }

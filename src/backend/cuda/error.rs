@@ -40,12 +40,7 @@ pub enum CudaError {
 
     /// The op has no kernel for this dtype and variant.
     #[error("{op}: no {variant} kernel for dtype {dtype} (available: {available})")]
-    UnsupportedDtype {
-        op: &'static str,
-        variant: &'static str,
-        dtype: DType,
-        available: String,
-    },
+    UnsupportedDtype { op: &'static str, variant: &'static str, dtype: DType, available: String },
 
     /// Arguments whose shapes or lengths disagree; `detail` gives them.
     #[error("{op}: {detail}")]
@@ -53,11 +48,7 @@ pub enum CudaError {
 
     /// An unknown variant name (from `--kernel` or `SPPO_KERNELS`).
     #[error("unknown {concern} kernel variant '{name}' (choices: {choices})")]
-    UnknownVariant {
-        concern: &'static str,
-        name: String,
-        choices: String,
-    },
+    UnknownVariant { concern: &'static str, name: String, choices: String },
 }
 
 impl CudaError {

@@ -25,7 +25,9 @@ impl std::fmt::Display for DType {
 }
 
 /// A storage type a kernel can take: `f32` or `half::bf16`.
-pub trait Element: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Send + Sync + 'static + sealed::Sealed {
+pub trait Element:
+    cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits + Copy + Send + Sync + 'static + sealed::Sealed
+{
     const DTYPE: DType;
 }
 

@@ -66,8 +66,10 @@ impl RmsNormVariant {
             RmsNormVariant::Naive => BLOCK,
             RmsNormVariant::Warp => WARPS_PER_BLOCK,
         } as usize;
-        let blocks = u32::try_from(threads_needed.div_ceil(per_block))
-            .map_err(|_| CudaError::Shape { op: "rmsnorm", detail: format!("{threads_needed} rows need too many blocks") })?;
+        let blocks = u32::try_from(threads_needed.div_ceil(per_block)).map_err(|_| CudaError::Shape {
+            op: "rmsnorm",
+            detail: format!("{threads_needed} rows need too many blocks"),
+        })?;
         Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 })
     }
 }
@@ -85,7 +87,12 @@ impl std::str::FromStr for RmsNormVariant {
     }
 }
 
-fn unsupported(op: &'static str, variant: RmsNormVariant, dtype: DType, has: impl Fn(RmsNormVariant, DType) -> Option<&'static str>) -> CudaError {
+fn unsupported(
+    op: &'static str,
+    variant: RmsNormVariant,
+    dtype: DType,
+    has: impl Fn(RmsNormVariant, DType) -> Option<&'static str>,
+) -> CudaError {
     let mut available = Vec::new();
     for &v in RmsNormVariant::ALL {
         for d in [DType::F32, DType::Bf16] {
@@ -103,7 +110,7 @@ fn rows_of(op: &'static str, what: &str, len: usize, dim: usize) -> Result<usize
     if dim == 0 {
         return Err(CudaError::Shape { op, detail: "dim is 0".to_string() });
     }
-    if len % dim != 0 {
+    if !len.is_multiple_of(dim) {
         return Err(CudaError::Shape { op, detail: format!("{what} has {len} elements, not a multiple of dim {dim}") });
     }
     let rows = len / dim;
@@ -134,7 +141,9 @@ pub fn rmsnorm_forward<T: Element>(
     eps: f32,
 ) -> Result<()> {
     const OP: &str = "rmsnorm_forward";
-    let kernel = variant.forward_kernel(T::DTYPE).ok_or_else(|| unsupported(OP, variant, T::DTYPE, RmsNormVariant::forward_kernel))?;
+    let kernel = variant
+        .forward_kernel(T::DTYPE)
+        .ok_or_else(|| unsupported(OP, variant, T::DTYPE, RmsNormVariant::forward_kernel))?;
     let n = rows_of(OP, "inp", inp.len(), dim)?;
     check_len(OP, "out", out.len(), &format!("(N={n}, C={dim})"), n * dim)?;
     check_len(OP, "weight", weight.len(), &format!("(C={dim})"), dim)?;
@@ -176,7 +185,9 @@ pub fn rmsnorm_backward(
     dim: usize,
 ) -> Result<()> {
     const OP: &str = "rmsnorm_backward";
-    let kernel = variant.backward_kernel(DType::F32).ok_or_else(|| unsupported(OP, variant, DType::F32, RmsNormVariant::backward_kernel))?;
+    let kernel = variant
+        .backward_kernel(DType::F32)
+        .ok_or_else(|| unsupported(OP, variant, DType::F32, RmsNormVariant::backward_kernel))?;
     let n = rows_of(OP, "inp", inp.len(), dim)?;
     let nc = format!("(N={n}, C={dim})");
     check_len(OP, "dinp", dinp.len(), &nc, n * dim)?;
