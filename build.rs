@@ -143,25 +143,22 @@ fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
 /// nvcc from `$NVCC`, `$CUDA_HOME/bin`, the project's `.tools`, or `PATH`, in that order.
 fn find_nvcc(manifest_dir: &Path) -> Result<PathBuf, String> {
     let mut tried = Vec::new();
-    let mut candidates: Vec<(String, PathBuf)> = Vec::new();
-    match std::env::var_os("NVCC") {
-        Some(v) if !v.is_empty() => candidates.push(("$NVCC".into(), PathBuf::from(v))),
-        _ => tried.push("$NVCC: not set".to_string()),
-    }
-    match std::env::var_os("CUDA_HOME") {
-        Some(v) if !v.is_empty() => candidates.push(("$CUDA_HOME/bin/nvcc".into(), PathBuf::from(v).join("bin/nvcc"))),
-        _ => tried.push("$CUDA_HOME: not set".to_string()),
-    }
-    candidates.push(("project .tools".into(), manifest_dir.join(PROJECT_NVCC)));
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let on_path = std::env::split_paths(&path).map(|d| d.join("nvcc")).find(|p| p.is_file());
+    // (label, path or None when the variable is unset), in search order.
+    let env_path = |var: &str| std::env::var_os(var).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let candidates = [
+        ("$NVCC", env_path("NVCC")),
+        ("$CUDA_HOME/bin/nvcc", env_path("CUDA_HOME").map(|home| home.join("bin/nvcc"))),
+        ("this checkout's .tools (scripts/setup)", Some(manifest_dir.join(PROJECT_NVCC))),
+    ];
     for (what, p) in candidates {
-        if p.is_file() {
-            return Ok(p);
+        match p {
+            Some(p) if p.is_file() => return Ok(p),
+            Some(p) => tried.push(format!("{what}: {} does not exist", p.display())),
+            None => tried.push(format!("{what}: not set")),
         }
-        tried.push(format!("{what}: {} does not exist", p.display()));
     }
-    if let Some(p) = on_path {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    if let Some(p) = std::env::split_paths(&path).map(|d| d.join("nvcc")).find(|p| p.is_file()) {
         return Ok(p);
     }
     tried.push("PATH: no nvcc in any of its directories".to_string());
