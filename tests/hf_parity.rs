@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_close, rel_error, repo_root};
+use common::{rel_error, repo_root};
 use sppo::backend::cpu::CpuBackend;
 use sppo::generate::{generate, GenOptions, GenRequest};
 use sppo::model::weights::read_all_f32;

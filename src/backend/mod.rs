@@ -13,6 +13,7 @@
 //! - Host slices (`&[u32]`, `&[AttnSeq]`) carry small per-batch metadata; a GPU backend uploads them.
 
 pub mod cpu;
+pub mod cuda;
 
 use anyhow::Result;
 
