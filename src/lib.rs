@@ -7,3 +7,5 @@ pub mod backend;
 pub mod config;
 pub mod io;
 pub mod model;
+pub mod rng;
+pub mod sampling;
