@@ -194,6 +194,10 @@ impl Backend for CpuBackend {
         elementwise::scatter_rows(dst, src, index, width)
     }
 
+    fn gather_rows(&self, dst: &mut [f32], src: &[f32], index: &[u32], width: usize) -> Result<()> {
+        elementwise::gather_rows(dst, src, index, width)
+    }
+
     // ---- embedding ----
     fn embedding_forward(&self, out: &mut [f32], table: &[f32], ids: &[u32], dim: usize) -> Result<()> {
         self.run(|| embedding::forward(out, table, ids, dim))
