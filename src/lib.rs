@@ -1,11 +1,19 @@
 //! sppo: Self-Play Preference Optimization for Llama/Mistral models.
 //!
 //! Layout: `backend` (the kernel interface, CPU reference, CUDA), `model` (the model definitions,
-//! written once against the backend), `config` (Hugging Face configs), `io` (atomic writes).
+//! written once against the backend), `config` (Hugging Face configs), `formats` (safetensors,
+//! GGUF, conversion), `chat` (chat templates rendered as transformers does), `prompts` (prompt
+//! files: JSONL, Parquet, ShareGPT), `rng` + `sampling` (counter-based randomness, token sampler),
+//! `generate` (batched generation with a KV cache), `logprobs` (response scoring), `io` (atomic writes).
 
 pub mod backend;
+pub mod chat;
 pub mod config;
+pub mod formats;
+pub mod generate;
 pub mod io;
+pub mod logprobs;
 pub mod model;
+pub mod prompts;
 pub mod rng;
 pub mod sampling;
