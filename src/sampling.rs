@@ -19,7 +19,9 @@
 //!    exactly, so dividing anyway is the same. `x[i] == +inf` (overflow) is an error. The candidates
 //!    are the tokens with `x[i] > −inf`; none is an error. `m = max x[i]`.
 //! 3. Canonical order: `x` descending, ties by token id ascending (a total order). Every "first",
-//!    "prefix" and "walk" below is in this order. −0.0 and +0.0 compare equal (a tie).
+//!    "prefix" and "walk" below is in this order. −0.0 and +0.0 compare equal (a tie). One u64 sort
+//!    key gives it (ascending): `x += 0.0` (turns −0.0 into +0.0); `b = bits(x)`;
+//!    `a = b & 0x80000000 ? ~b : b | 0x80000000` (f32 order as u32 order); `key = (~a << 32) | id`.
 //! 4. Top-k (`0 < top_k < |candidates|`): `t` = the `top_k`-th largest `x` counting repeats (the
 //!    `x` at canonical position `top_k - 1`); keep candidates with `x >= t`. Ties at the threshold
 //!    are all kept, so more than `top_k` tokens may survive (HF: `scores < topk(scores)[..., -1]`
@@ -44,9 +46,10 @@
 //!    leaves none, return the last kept token.
 //!
 //! The probabilities of [`truncated_distribution`] are `w / total` over the kept candidates in
-//! canonical order. CPU and CUDA agree exactly except where `exp` or a sum in a different order
-//! moves a cutoff or `target` across a boundary by ~1e-16 relative: vanishingly rare, and never
-//! more than a choice between two tokens adjacent in canonical order.
+//! canonical order. CPU and CUDA agree exactly except where a last-ulp difference in `exp` (neither
+//! libm nor CUDA's `exp` is correctly rounded) or a sum taken in another order moves a cutoff or
+//! `target` across a boundary: that needs a cumulative sum within ~1e-15 relative of `limit` or
+//! `target`, a chance of order 1e-12 per token.
 //!
 //! # Cost (CPU)
 //!
