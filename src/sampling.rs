@@ -19,7 +19,9 @@
 //!    exactly, so dividing anyway is the same. `x[i] == +inf` (overflow) is an error. The candidates
 //!    are the tokens with `x[i] > −inf`; none is an error. `m = max x[i]`.
 //! 3. Canonical order: `x` descending, ties by token id ascending (a total order). Every "first",
-//!    "prefix" and "walk" below is in this order. −0.0 and +0.0 compare equal (a tie).
+//!    "prefix" and "walk" below is in this order. −0.0 and +0.0 compare equal (a tie). One u64 sort
+//!    key gives it (ascending): `x += 0.0` (turns −0.0 into +0.0); `b = bits(x)`;
+//!    `a = b & 0x80000000 ? ~b : b | 0x80000000` (f32 order as u32 order); `key = (~a << 32) | id`.
 //! 4. Top-k (`0 < top_k < |candidates|`): `t` = the `top_k`-th largest `x` counting repeats (the
 //!    `x` at canonical position `top_k - 1`); keep candidates with `x >= t`. Ties at the threshold
 //!    are all kept, so more than `top_k` tokens may survive (HF: `scores < topk(scores)[..., -1]`
@@ -44,19 +46,22 @@
 //!    leaves none, return the last kept token.
 //!
 //! The probabilities of [`truncated_distribution`] are `w / total` over the kept candidates in
-//! canonical order. CPU and CUDA agree exactly except where `exp` or a sum in a different order
-//! moves a cutoff or `target` across a boundary by ~1e-16 relative: vanishingly rare, and never
-//! more than a choice between two tokens adjacent in canonical order.
+//! canonical order. CPU and CUDA agree exactly except where a last-ulp difference in `exp` (neither
+//! libm nor CUDA's `exp` is correctly rounded) or a sum taken in another order moves a cutoff or
+//! `target` across a boundary: that needs a cumulative sum within ~1e-15 relative of `limit` or
+//! `target`, a chance of order 1e-12 per token.
 //!
-//! # Cost
+//! # Cost (CPU)
 //!
-//! One pass over the vocabulary (divide, compare, one f64 `exp` per surviving candidate), then a
-//! canonical order built lazily: `select_nth_unstable` of the next chunk (64, then doubling) and a
-//! sort of that chunk only, as far as the top-p walk and the draw go. A spiky or truncated
-//! distribution sorts tens of tokens, not the vocabulary. [`SamplerScratch`] keeps the candidate
-//! buffer between calls, so a call allocates nothing once warm.
-
-use std::cmp::Ordering;
+//! One pass over the vocabulary (divide, check, compare), one f64 `exp` per candidate (the floor:
+//! `Z` needs every weight), and a canonical order built only as far as the top-p walk and the draw
+//! go: while computing weights, candidates are histogrammed by `m - x` into buckets of 1/8 nat
+//! (a monotone function of `x`, so buckets are contiguous in canonical order). To walk to a mass
+//! `s`, the buckets whose cumulative mass first reaches `s` (plus a 1e-9 relative margin that
+//! covers summation-order rounding) are partitioned to the front and only they are sorted; the
+//! walk itself is then exactly steps 6 and 8. A peaked distribution sorts a handful of tokens, a
+//! flat one a few thousand, never needlessly the vocabulary. [`SamplerScratch`] keeps the buffers
+//! between calls, so a warm call allocates nothing.
 
 use anyhow::{bail, ensure, Result};
 
@@ -108,23 +113,54 @@ struct Cand {
     w: f64,
 }
 
-/// Canonical order: `x` descending, id ascending. `x` is never NaN here, so `partial_cmp` is total
-/// (and treats -0.0 == +0.0, as a CUDA `<` would).
-#[inline]
-fn canonical(a: &Cand, b: &Cand) -> Ordering {
-    b.x.partial_cmp(&a.x).unwrap_or(Ordering::Equal).then(a.id.cmp(&b.id))
+impl Cand {
+    /// Canonical order as one u64 compared ascending: high half = `x` descending (as the bit
+    /// pattern of a monotone f32 -> u32 map), low half = id ascending. `x` is never NaN and -0.0
+    /// was normalised to +0.0, so this is exactly "x descending, ties by id ascending".
+    #[inline(always)]
+    fn key(&self) -> u64 {
+        let bits = self.x.to_bits();
+        let ascending = if bits & 0x8000_0000 != 0 { !bits } else { bits | 0x8000_0000 };
+        (u64::from(!ascending) << 32) | u64::from(self.id)
+    }
 }
 
-/// First chunk of the lazily built canonical order; later chunks double.
-const FIRST_CHUNK: usize = 64;
+/// Histogram buckets of `m - x`: BUCKETS_PER_NAT per nat, the last bucket open-ended (d >= 32).
+const BUCKETS_PER_NAT: f32 = 8.0;
+const N_BUCKETS: usize = 256;
+
+/// Bucket of a candidate: non-decreasing as `x` decreases (f32 subtraction and scaling are
+/// monotone), so every bucket is a contiguous run of the canonical order.
+#[inline(always)]
+fn bucket(m: f32, x: f32) -> usize {
+    ((m - x) * BUCKETS_PER_NAT).min((N_BUCKETS - 1) as f32) as usize
+}
+
+/// Relative slack when choosing how many buckets to sort before a walk to mass `s`: bucket sums
+/// and the walk's running sum add the same weights in different orders (relative error below
+/// V * 2^-53 ~ 1e-11 for V = 128k), so sorting buckets up to cumulative mass `s + 1e-9 * Z`
+/// always contains the walk's stopping point.
+const WALK_MARGIN: f64 = 1e-9;
 
 /// Reusable buffers for [`sample`]: one per thread, reused across calls.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SamplerScratch {
-    /// (V) at most: the candidates; `cands[..sorted]` are the top `sorted` in canonical order,
-    /// sorted, and every later one comes after them in canonical order.
+    /// (<= V) the candidates. `cands[..sorted]` are in canonical order and are exactly the
+    /// candidates of buckets `..=sorted_through` (or all candidates); the rest follow them.
     cands: Vec<Cand>,
     sorted: usize,
+    /// Last bucket whose candidates are all in the sorted prefix (None: none yet).
+    sorted_through: Option<usize>,
+    /// (N_BUCKETS) f64: total weight per bucket.
+    bucket_mass: Vec<f64>,
+    /// Max scaled logit of the current call (bucket origin).
+    m: f32,
+}
+
+impl Default for SamplerScratch {
+    fn default() -> Self {
+        Self { cands: Vec::new(), sorted: 0, sorted_through: None, bucket_mass: vec![0.0; N_BUCKETS], m: 0.0 }
+    }
 }
 
 impl SamplerScratch {
@@ -132,24 +168,54 @@ impl SamplerScratch {
         Self::default()
     }
 
-    /// Extends the canonical prefix to at least `n` candidates (clamped to all of them).
+    /// Moves the unsorted candidates of buckets `..=b` to the end of the sorted prefix and sorts them.
+    fn sort_through_bucket(&mut self, b: usize) {
+        if self.sorted_through.is_some_and(|s| s >= b) {
+            return;
+        }
+        let m = self.m;
+        let rest = &mut self.cands[self.sorted..];
+        let mut front = 0;
+        for i in 0..rest.len() {
+            if bucket(m, rest[i].x) <= b {
+                rest.swap(front, i);
+                front += 1;
+            }
+        }
+        rest[..front].sort_unstable_by_key(Cand::key);
+        self.sorted += front;
+        self.sorted_through = Some(b);
+    }
+
+    /// Sorts enough buckets that their cumulative mass reaches `mass` (or all of them).
+    fn sort_for_mass(&mut self, mass: f64) {
+        let mut cum = 0.0;
+        for b in 0..N_BUCKETS {
+            cum += self.bucket_mass[b];
+            if cum >= mass {
+                return self.sort_through_bucket(b);
+            }
+        }
+        self.sort_through_bucket(N_BUCKETS - 1);
+    }
+
+    /// Extends the canonical prefix to at least `n` candidates (clamped to all), bucket by bucket.
+    /// Only rounding beyond WALK_MARGIN would need this after `sort_for_mass`; it keeps walks exact.
     #[inline]
     fn ensure_sorted(&mut self, n: usize) {
-        if n <= self.sorted {
-            return;
+        while self.sorted < n.min(self.cands.len()) {
+            let next = self.sorted_through.map_or(0, |s| s + 1);
+            if next >= N_BUCKETS {
+                break; // unreachable: the last bucket holds every remaining candidate
+            }
+            self.sort_through_bucket(next);
         }
-        let len = self.cands.len();
-        let target = n.max(2 * self.sorted).max(FIRST_CHUNK).min(len);
-        let rest = &mut self.cands[self.sorted..];
-        let k = target - self.sorted;
-        if k == 0 {
-            return;
-        }
-        if k < rest.len() {
-            rest.select_nth_unstable_by(k - 1, canonical);
-        }
-        rest[..k].sort_unstable_by(canonical);
-        self.sorted = target;
+    }
+
+    /// Marks the whole (already canonical) candidate list as sorted, after a truncation of the prefix.
+    fn all_sorted(&mut self) {
+        self.sorted = self.cands.len();
+        self.sorted_through = Some(N_BUCKETS - 1);
     }
 }
 
@@ -165,63 +231,73 @@ fn prepare(logits: &[f32], params: &SamplingParams, scratch: &mut SamplerScratch
     ensure!(!logits.is_empty(), "sample: empty logits");
     ensure!(logits.len() <= u32::MAX as usize, "sample: vocabulary of {} exceeds u32 ids", logits.len());
 
+    check_logits(logits)?;
     if params.is_greedy() {
-        let mut best: Option<(u32, f32)> = None;
+        // Strict `>`: the first maximum wins (ties -> lowest id); -inf never becomes `best`.
+        let (mut best, mut best_l) = (None, f32::NEG_INFINITY);
         for (i, &l) in logits.iter().enumerate() {
-            check_logit(i, l)?;
-            // Strict `>`: the first maximum wins (ties -> lowest id); −inf never becomes `best`.
-            if l > best.map_or(f32::NEG_INFINITY, |b| b.1) {
-                best = Some((i as u32, l));
+            if l > best_l {
+                (best, best_l) = (Some(i as u32), l);
             }
         }
         return match best {
-            Some((id, _)) => Ok(Prepared::Greedy(id)),
+            Some(id) => Ok(Prepared::Greedy(id)),
             None => bail!("sample: all {} logits are -inf", logits.len()),
         };
     }
 
     // Step 2: temperature, candidates, max.
     let t = params.temperature;
-    let cands = &mut scratch.cands;
-    cands.clear();
+    scratch.cands.clear();
     scratch.sorted = 0;
+    scratch.sorted_through = None;
+    scratch.cands.reserve(logits.len());
     let mut m = f32::NEG_INFINITY;
     for (i, &l) in logits.iter().enumerate() {
-        check_logit(i, l)?;
-        let x = l / t;
+        // `+ 0.0` turns -0.0 into +0.0 so that the two tie in the canonical key.
+        let x = l / t + 0.0;
         if x > f32::NEG_INFINITY {
             ensure!(x < f32::INFINITY, "sample: logit {l} at token {i} / temperature {t} overflows f32");
             m = m.max(x);
-            cands.push(Cand { x, id: i as u32, w: 0.0 });
+            scratch.cands.push(Cand { x, id: i as u32, w: 0.0 });
         }
     }
-    ensure!(!cands.is_empty(), "sample: all {} logits are -inf", logits.len());
+    ensure!(!scratch.cands.is_empty(), "sample: all {} logits are -inf", logits.len());
+    scratch.m = m;
 
-    // Step 4: top-k; `retain` keeps every tie of the threshold, wherever select put it.
+    // Step 4: top-k. The threshold is the k-th largest x; `retain` keeps every tie of it.
     let k = params.top_k;
-    if k > 0 && k < cands.len() {
-        let (_, kth, _) = cands.select_nth_unstable_by(k - 1, canonical);
+    if k > 0 && k < scratch.cands.len() {
+        let (_, kth, _) = scratch.cands.select_nth_unstable_by_key(k - 1, Cand::key);
         let threshold = kth.x;
-        cands.retain(|c| c.x >= threshold);
+        scratch.cands.retain(|c| c.x >= threshold);
     }
 
-    // Step 5: weights relative to the max, in f64.
+    // Step 5 (and step 7 when top-p is off, since min-p then depends on w alone): weights relative
+    // to the max, Z, and the bucket histogram, compacting in place.
+    let top_p_on = params.top_p < 1.0;
+    let min_p_on = params.min_p > 0.0;
+    let floor = if !top_p_on && min_p_on { f64::from(params.min_p) } else { 0.0 };
     let m64 = f64::from(m);
     let mut z = 0.0f64;
-    let mut underflow = false;
-    for c in cands.iter_mut() {
-        c.w = (f64::from(c.x) - m64).exp();
-        underflow |= c.w == 0.0;
-        z += c.w;
+    scratch.bucket_mass.fill(0.0);
+    let mut kept = 0;
+    for i in 0..scratch.cands.len() {
+        let c = scratch.cands[i];
+        let w = (f64::from(c.x) - m64).exp();
+        if w > 0.0 && w >= floor {
+            scratch.cands[kept] = Cand { w, ..c };
+            kept += 1;
+            z += w;
+            scratch.bucket_mass[bucket(m, c.x)] += w;
+        }
     }
-    if underflow {
-        cands.retain(|c| c.w > 0.0);
-    }
+    scratch.cands.truncate(kept);
 
-    let mut truncated = false;
-    // Step 6: top-p, walking the lazily sorted prefix.
-    if params.top_p < 1.0 {
+    // Step 6: top-p, walking the canonical order from the top.
+    if top_p_on {
         let limit = f64::from(params.top_p) * z;
+        scratch.sort_for_mass(limit + WALK_MARGIN * z);
         let mut mass = 0.0f64;
         let mut n = 0;
         while n < scratch.cands.len() {
@@ -232,40 +308,34 @@ fn prepare(logits: &[f32], params: &SamplingParams, scratch: &mut SamplerScratch
             mass += scratch.cands[n].w;
             n += 1;
         }
-        truncated |= n < scratch.cands.len();
+        let truncated = n < scratch.cands.len();
         scratch.cands.truncate(n);
-        scratch.sorted = n;
-    }
+        scratch.all_sorted();
 
-    // Step 7: min-p. After top-p the candidates are sorted and `w` is non-increasing, so the kept
-    // set is a prefix; otherwise filter in place (nothing is sorted yet).
-    if params.min_p > 0.0 {
-        let floor = f64::from(params.min_p);
-        let before = scratch.cands.len();
-        if scratch.sorted == before {
-            let n = scratch.cands.partition_point(|c| c.w >= floor);
-            scratch.cands.truncate(n);
-            scratch.sorted = n;
-        } else {
-            debug_assert_eq!(scratch.sorted, 0);
-            scratch.cands.retain(|c| c.w >= floor);
+        // Step 7 after top-p: the kept list is canonical and w non-increasing, so min-p keeps a prefix.
+        if min_p_on {
+            let floor = f64::from(params.min_p);
+            let n_min = scratch.cands.partition_point(|c| c.w >= floor);
+            scratch.cands.truncate(n_min);
+            scratch.all_sorted();
         }
-        truncated |= scratch.cands.len() < before;
+        if truncated || scratch.cands.len() < n {
+            // Summed in canonical order: the same order as the draw's walk.
+            let total = scratch.cands.iter().map(|c| c.w).sum();
+            return Ok(Prepared::Kept { total });
+        }
     }
-
-    let total = if truncated {
-        // Canonical order when top-p ran (the kept set is sorted); candidate order otherwise.
-        scratch.cands.iter().map(|c| c.w).sum()
-    } else {
-        z
-    };
-    Ok(Prepared::Kept { total })
+    Ok(Prepared::Kept { total: z })
 }
 
-#[inline]
-fn check_logit(i: usize, l: f32) -> Result<()> {
-    if l.is_nan() || l == f32::INFINITY {
-        bail!("sample: logit at token {i} is {l} (NaN and +inf are invalid)");
+/// NaN and +inf logits are errors (step 0). One branch-free pass; the index only on failure.
+fn check_logits(logits: &[f32]) -> Result<()> {
+    // `!(l < inf)` is true exactly for NaN and +inf.
+    let bad = logits.iter().fold(false, |bad, &l| bad | !(l < f32::INFINITY));
+    if bad {
+        if let Some((i, l)) = logits.iter().enumerate().find(|(_, l)| !(**l < f32::INFINITY)) {
+            bail!("sample: logit at token {i} is {l} (NaN and +inf are invalid)");
+        }
     }
     Ok(())
 }
@@ -277,11 +347,11 @@ pub fn sample(logits: &[f32], params: &SamplingParams, u: f32, scratch: &mut Sam
         Prepared::Greedy(id) => return Ok(id),
         Prepared::Kept { total } => total,
     };
-    // Step 8: inverse CDF over the canonical order, sorting only as far as the walk goes.
+    // Step 8: inverse CDF over the canonical order, sorting only the buckets the walk reaches.
     let target = f64::from(u) * total;
-    let len = scratch.cands.len();
+    scratch.sort_for_mass(target + WALK_MARGIN * total);
     let mut c = 0.0f64;
-    for i in 0..len {
+    for i in 0..scratch.cands.len() {
         scratch.ensure_sorted(i + 1);
         c += scratch.cands[i].w;
         if target < c {
@@ -302,8 +372,7 @@ pub fn truncated_distribution(logits: &[f32], params: &SamplingParams) -> Result
     match prepare(logits, params, &mut scratch)? {
         Prepared::Greedy(id) => Ok(vec![(id, 1.0)]),
         Prepared::Kept { total } => {
-            let len = scratch.cands.len();
-            scratch.ensure_sorted(len);
+            scratch.sort_through_bucket(N_BUCKETS - 1);
             Ok(scratch.cands.iter().map(|c| (c.id, c.w / total)).collect())
         }
     }
@@ -313,24 +382,46 @@ pub fn truncated_distribution(logits: &[f32], params: &SamplingParams) -> Result
 mod tests {
     use super::*;
 
+    /// The bucketed lazy sort must give the same draws as walking the fully sorted distribution,
+    /// whichever buckets the walk stops in (narrow and 40-nat-wide logit ranges, with truncation).
     #[test]
     fn lazy_sort_matches_full_sort() {
-        // A flat-ish 1000-token distribution forces several doublings of the sorted prefix.
-        let logits: Vec<f32> = (0..1000u32).map(|i| ((i * 7919) % 97) as f32 * 0.01).collect();
-        let p = SamplingParams::with_temperature(1.0);
-        let dist = truncated_distribution(&logits, &p).expect("valid");
+        let narrow: Vec<f32> = (0..1000u32).map(|i| ((i * 7919) % 97) as f32 * 0.01).collect();
+        let wide: Vec<f32> = (0..1000u32).map(|i| ((i * 7919) % 97) as f32 * -0.45).collect();
+        let params = [
+            SamplingParams::with_temperature(1.0),
+            SamplingParams::with_temperature(0.3),
+            SamplingParams { temperature: 1.3, top_k: 0, top_p: 0.9, min_p: 0.0 },
+            SamplingParams { temperature: 1.0, top_k: 300, top_p: 0.999, min_p: 1e-6 },
+        ];
         let mut scratch = SamplerScratch::new();
-        for j in 0..200 {
-            let u = (j as f32 + 0.37) / 200.0;
-            let target = f64::from(u);
-            // Reference draw: first kept token whose cumulative probability exceeds u.
-            let mut c = 0.0;
-            let want = dist.iter().find(|(_, q)| {
-                c += q;
-                target < c
-            });
-            let got = sample(&logits, &p, u, &mut scratch).expect("valid");
-            assert_eq!(Some(got), want.map(|w| w.0), "u = {u}");
+        for logits in [&narrow, &wide] {
+            for p in &params {
+                let dist = truncated_distribution(logits, p).expect("valid");
+                for j in 0..200 {
+                    let u = (j as f32 + 0.37) / 200.0;
+                    let target = f64::from(u);
+                    // Reference draw: first kept token whose cumulative probability exceeds u.
+                    let mut c = 0.0;
+                    let want = dist.iter().find(|(_, q)| {
+                        c += q;
+                        target < c
+                    });
+                    let got = sample(logits, p, u, &mut scratch).expect("valid");
+                    assert_eq!(Some(got), want.map(|w| w.0), "{p:?} u = {u}");
+                }
+            }
         }
+    }
+
+    #[test]
+    fn canonical_key_orders_x_descending_then_id() {
+        let c = |x: f32, id: u32| Cand { x, id, w: 0.0 }.key();
+        assert!(c(1.0, 5) < c(0.5, 0));
+        assert!(c(0.0, 0) < c(-1e-30, 0));
+        assert!(c(-1.0, 0) < c(-2.0, 0));
+        assert!(c(3.0, 1) < c(3.0, 2));
+        assert!(c(f32::MAX, 9) < c(1.0, 0));
+        assert!(c(-1.0, 9) < c(f32::MIN, 0));
     }
 }
