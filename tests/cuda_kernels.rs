@@ -297,3 +297,148 @@ fn rmsnorm_rejects_bad_shapes() {
         "dim is 0",
     );
 }
+
+// ---- the same kernels compiled as host C++, on CPU threads (runs everywhere) ----
+
+use sppo::backend::cuda::host::{ffi, grid_args};
+
+type HostForward<T> =
+    unsafe extern "C" fn(u32, u32, u32, u32, u32, u32, *mut T, *mut f32, *const T, *const T, i32, i32, f32) -> i32;
+
+fn host_forward_f32(kernel: &str) -> HostForward<f32> {
+    match kernel {
+        "rmsnorm_forward_f32_naive" => ffi::rmsnorm_forward_f32_naive_host,
+        "rmsnorm_forward_f32_warp" => ffi::rmsnorm_forward_f32_warp_host,
+        other => panic!("no host entry point mapped for {other}: add it to host_forward_f32"),
+    }
+}
+
+fn host_forward_bf16(kernel: &str) -> HostForward<bf16> {
+    match kernel {
+        "rmsnorm_forward_bf16_warp" => ffi::rmsnorm_forward_bf16_warp_host,
+        other => panic!("no host entry point mapped for {other}: add it to host_forward_bf16"),
+    }
+}
+
+/// Runs a forward kernel on CPU threads with the launcher's grid; outputs start as NaN.
+fn run_host_forward<T: Copy>(
+    f: HostForward<T>,
+    v: RmsNormVariant,
+    inp: &[T],
+    weight: &[T],
+    nan: T,
+    c: usize,
+) -> (Vec<T>, Vec<f32>) {
+    let n = inp.len() / c;
+    assert_eq!(weight.len(), c);
+    let (gx, gy, gz, bx, by, bz) = grid_args(&v.forward_config(n).unwrap());
+    let mut out = vec![nan; n * c];
+    let mut rstd = vec![f32::NAN; n];
+    // SAFETY: the entry point runs the kernel (T* out, float* rstd, const T* inp, const T* weight,
+    // int N, int C, float eps) on CPU threads and returns when all are done; out and inp hold N·C
+    // elements, weight C, rstd N, as the kernel reads and writes for this grid.
+    let rc = unsafe {
+        f(
+            gx,
+            gy,
+            gz,
+            bx,
+            by,
+            bz,
+            out.as_mut_ptr(),
+            rstd.as_mut_ptr(),
+            inp.as_ptr(),
+            weight.as_ptr(),
+            n as i32,
+            c as i32,
+            EPS,
+        )
+    };
+    assert_eq!(rc, 0, "host launch failed (reason on stderr)");
+    (out, rstd)
+}
+
+#[test]
+fn rmsnorm_forward_f32_host() {
+    let mut rng = Rng::new(11);
+    for &v in RmsNormVariant::ALL {
+        let kernel = v.forward_kernel(DType::F32).unwrap();
+        for &n in ROWS {
+            for &c in DIMS {
+                let case = format!("{kernel} on host ({n}, {c})");
+                let inp = rng.vec(n * c, -2.0, 2.0);
+                let weight = rng.vec(c, 0.5, 1.5);
+                let (want_out, want_rstd) = rmsnorm_forward_ref(&inp, &weight, c, EPS);
+                let (out, rstd) = run_host_forward(host_forward_f32(kernel), v, &inp, &weight, f32::NAN, c);
+                assert_close(&format!("{case} out"), &out, &want_out, 1e-6, 1e-5);
+                assert_close(&format!("{case} rstd"), &rstd, &want_rstd, 0.0, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn rmsnorm_forward_bf16_host() {
+    let mut rng = Rng::new(12);
+    for &v in RmsNormVariant::ALL {
+        let Some(kernel) = v.forward_kernel(DType::Bf16) else { continue };
+        for &n in ROWS {
+            for &c in DIMS {
+                let case = format!("{kernel} on host ({n}, {c})");
+                let inp = to_bf16(&rng.vec(n * c, -2.0, 2.0));
+                let weight = to_bf16(&rng.vec(c, 0.5, 1.5));
+                let (want_out, want_rstd) = rmsnorm_forward_ref(&to_f32(&inp), &to_f32(&weight), c, EPS);
+                let (out, rstd) = run_host_forward(host_forward_bf16(kernel), v, &inp, &weight, bf16::NAN, c);
+                assert_close(&format!("{case} out"), &to_f32(&out), &want_out, 1e-3, 1e-2);
+                assert_close(&format!("{case} rstd"), &rstd, &want_rstd, 0.0, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn rmsnorm_backward_f32_host() {
+    let mut rng = Rng::new(13);
+    for &v in RmsNormVariant::ALL {
+        let Some(kernel) = v.backward_kernel(DType::F32) else { continue };
+        assert_eq!(kernel, "rmsnorm_backward_f32_naive", "map the new backward kernel to its host entry point");
+        for &n in ROWS {
+            for &c in DIMS {
+                let case = format!("{kernel} on host ({n}, {c})");
+                let inp = rng.vec(n * c, -2.0, 2.0);
+                let weight = rng.vec(c, 0.5, 1.5);
+                let dout = rng.vec(n * c, -1.0, 1.0);
+                let (_, rstd) = rmsnorm_forward_ref(&inp, &weight, c, EPS);
+                let mut dinp = rng.vec(n * c, -1.0, 1.0);
+                let mut dweight = rng.vec(c, -1.0, 1.0);
+                let (ddinp, ddweight) = rmsnorm_backward_ref(&dout, &inp, &weight, &rstd, c);
+                let want_dinp: Vec<f32> = dinp.iter().zip(&ddinp).map(|(a, b)| a + b).collect();
+                let want_dweight: Vec<f32> = dweight.iter().zip(&ddweight).map(|(a, b)| a + b).collect();
+                let (gx, gy, gz, bx, by, bz) = grid_args(&v.backward_config(n, c).unwrap());
+                // SAFETY: rmsnorm_backward_f32_naive(dinp, dweight, dout, inp, weight, rstd, N, C) on CPU
+                // threads; dinp, dout, inp hold N·C elements, dweight and weight C, rstd N.
+                let rc = unsafe {
+                    ffi::rmsnorm_backward_f32_naive_host(
+                        gx,
+                        gy,
+                        gz,
+                        bx,
+                        by,
+                        bz,
+                        dinp.as_mut_ptr(),
+                        dweight.as_mut_ptr(),
+                        dout.as_ptr(),
+                        inp.as_ptr(),
+                        weight.as_ptr(),
+                        rstd.as_ptr(),
+                        n as i32,
+                        c as i32,
+                    )
+                };
+                assert_eq!(rc, 0, "{case}: host launch failed (reason on stderr)");
+                assert_close(&format!("{case} dinp"), &dinp, &want_dinp, 1e-5, 1e-4);
+                assert_close(&format!("{case} dweight"), &dweight, &want_dweight, 1e-5, 1e-4);
+            }
+        }
+    }
+}

@@ -18,3 +18,4 @@ pub mod ops;
 pub use device::{probe, CudaDevice, GpuProbe};
 pub use error::CudaError;
 pub use ops::rmsnorm::RmsNormVariant;
+pub mod host;

@@ -61,15 +61,24 @@ impl RmsNormVariant {
         }
     }
 
-    fn launch_config(self, threads_needed: usize) -> Result<LaunchConfig> {
+    /// The grid and block the forward launcher uses for `rows` rows (also used by the host tests).
+    pub fn forward_config(self, rows: usize) -> Result<LaunchConfig> {
+        self.launch_config(rows)
+    }
+
+    /// The backward launcher's grid: thread t handles row t and column t, so max(rows, dim) threads.
+    pub fn backward_config(self, rows: usize, dim: usize) -> Result<LaunchConfig> {
+        self.launch_config(rows.max(dim))
+    }
+
+    /// Naive: one thread per unit of work; Warp: one warp per row.
+    fn launch_config(self, work: usize) -> Result<LaunchConfig> {
         let per_block = match self {
             RmsNormVariant::Naive => BLOCK,
             RmsNormVariant::Warp => WARPS_PER_BLOCK,
         } as usize;
-        let blocks = u32::try_from(threads_needed.div_ceil(per_block)).map_err(|_| CudaError::Shape {
-            op: "rmsnorm",
-            detail: format!("{threads_needed} rows need too many blocks"),
-        })?;
+        let blocks = u32::try_from(work.div_ceil(per_block))
+            .map_err(|_| CudaError::Shape { op: "rmsnorm", detail: format!("{work} rows need too many blocks") })?;
         Ok(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (BLOCK, 1, 1), shared_mem_bytes: 0 })
     }
 }
@@ -154,7 +163,7 @@ pub fn rmsnorm_forward<T: Element>(
     if n == 0 {
         return Ok(());
     }
-    let cfg = variant.launch_config(n)?;
+    let cfg = variant.forward_config(n)?;
     let (n_i, c_i) = (n as i32, dim as i32); // fit: checked by rows_of
     let func = dev.function(&RMSNORM, kernel)?;
     let stream = dev.stream();
@@ -198,8 +207,7 @@ pub fn rmsnorm_backward(
     if n == 0 {
         return Ok(());
     }
-    // Thread t handles row t and column t: the grid covers max(N, C) threads.
-    let cfg = variant.launch_config(n.max(dim))?;
+    let cfg = variant.backward_config(n, dim)?;
     let (n_i, c_i) = (n as i32, dim as i32); // fit: checked by rows_of
     let func = dev.function(&RMSNORM, kernel)?;
     let stream = dev.stream();
