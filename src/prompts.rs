@@ -272,10 +272,7 @@ impl RawRecord {
         } else if let Some(v) = &self.chosen {
             let mut m = parse_messages(v, "chosen", at)?;
             if m.last().is_some_and(|m| m.role == "assistant") {
-                let last = m.pop().map(|m| m.content);
-                if reference.is_none() && self.output.is_none() {
-                    reference = last;
-                }
+                m.pop();
             }
             m
         } else if let Some(v) = &self.conversations {
@@ -288,6 +285,10 @@ impl RawRecord {
         };
         if reference.is_none() {
             reference = opt_string(&self.output, "output", at)?;
+        }
+        if let (None, Some(v)) = (&reference, &self.chosen) {
+            // The preferred answer of a preference pair (UltraFeedback's `chosen` ends with it).
+            reference = parse_messages(v, "chosen", at)?.pop().filter(|m| m.role == "assistant").map(|m| m.content);
         }
         if let Some(system) = system.filter(|s| !s.trim().is_empty()) {
             if messages.first().is_none_or(|m| m.role != "system") {
