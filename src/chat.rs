@@ -36,7 +36,10 @@ pub struct Message {
 
 impl Message {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Message { role: role.into(), content: content.into() }
+        Message {
+            role: role.into(),
+            content: content.into(),
+        }
     }
     pub fn system(content: impl Into<String>) -> Self {
         Message::new("system", content)
@@ -63,8 +66,15 @@ pub struct SpecialTokens {
 }
 
 /// transformers' `SPECIAL_TOKENS_ATTRIBUTES`, in its order.
-const SPECIAL_TOKEN_NAMES: [&str; 7] =
-    ["bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token"];
+const SPECIAL_TOKEN_NAMES: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
 
 impl SpecialTokens {
     /// (name, token) for every token that is set, e.g. ("eos_token", "<|im_end|>").
@@ -78,7 +88,10 @@ impl SpecialTokens {
             &self.cls_token,
             &self.mask_token,
         ];
-        SPECIAL_TOKEN_NAMES.into_iter().zip(values).filter_map(|(n, v)| v.as_deref().map(|v| (n, v)))
+        SPECIAL_TOKEN_NAMES
+            .into_iter()
+            .zip(values)
+            .filter_map(|(n, v)| v.as_deref().map(|v| (n, v)))
     }
 
     fn slot(&mut self, name: &str) -> Option<&mut Option<String>> {
@@ -104,7 +117,9 @@ impl SpecialTokens {
 
     fn merge_from_config(&mut self, config: &serde_json::Value, origin: &str) -> Result<()> {
         for name in SPECIAL_TOKEN_NAMES {
-            let Some(value) = config.get(name) else { continue };
+            let Some(value) = config.get(name) else {
+                continue;
+            };
             let token = match value {
                 serde_json::Value::Null => None,
                 serde_json::Value::String(s) => Some(s.clone()),
@@ -163,7 +178,12 @@ impl ChatTemplate {
         let mut env = new_environment();
         env.add_template_owned(TEMPLATE_NAME, rewrite_generation_tags(&source))
             .map_err(|e| jinja_error(&origin, &source, "compiling", &e))?;
-        Ok(ChatTemplate { env, origin, source, special_tokens })
+        Ok(ChatTemplate {
+            env,
+            origin,
+            source,
+            special_tokens,
+        })
     }
 
     /// Loads the template of a Hugging Face model folder the way `AutoTokenizer.from_pretrained` does:
@@ -174,14 +194,20 @@ impl ChatTemplate {
     /// `Ok(None)` when the folder has no template at all.
     pub fn from_model_dir(dir: &Path) -> Result<Option<ChatTemplate>> {
         let config_path = dir.join("tokenizer_config.json");
-        let config = if config_path.is_file() { Some(read_json(&config_path)?) } else { None };
+        let config = if config_path.is_file() {
+            Some(read_json(&config_path)?)
+        } else {
+            None
+        };
 
         let mut special = SpecialTokens::default();
         if let Some(config) = &config {
             special.merge_from_config(config, &config_path.display().to_string())?;
         }
         let legacy_map = dir.join("special_tokens_map.json");
-        let has_decoder = config.as_ref().is_some_and(|c| c.get("added_tokens_decoder").is_some());
+        let has_decoder = config
+            .as_ref()
+            .is_some_and(|c| c.get("added_tokens_decoder").is_some());
         if legacy_map.is_file() && !has_decoder {
             let map = read_json(&legacy_map)?;
             special.merge_from_config(&map, &legacy_map.display().to_string())?;
@@ -193,7 +219,8 @@ impl ChatTemplate {
                 .with_context(|| format!("reading chat template {}", jinja_path.display()))?;
             // Python opens the file in text mode: universal newlines turn \r\n and \r into \n.
             let text = text.replace("\r\n", "\n").replace('\r', "\n");
-            return ChatTemplate::with_origin(text, special, jinja_path.display().to_string()).map(Some);
+            return ChatTemplate::with_origin(text, special, jinja_path.display().to_string())
+                .map(Some);
         }
         let json_path = dir.join("chat_template.json");
         if json_path.is_file() {
@@ -203,7 +230,9 @@ impl ChatTemplate {
                 .ok_or_else(|| anyhow!("{}: no `chat_template` field", json_path.display()))?;
             return ChatTemplate::with_origin(source, special, origin).map(Some);
         }
-        let Some(config) = config else { return Ok(None) };
+        let Some(config) = config else {
+            return Ok(None);
+        };
         let origin = format!("{} (chat_template)", config_path.display());
         match template_from_json_field(config.get("chat_template"), &origin)? {
             Some(source) => ChatTemplate::with_origin(source, special, origin).map(Some),
@@ -241,7 +270,8 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| jinja_error(&self.origin, &self.source, "loading", &e))?;
-        tmpl.render(ctx).map_err(|e| jinja_error(&self.origin, &self.source, "rendering", &e))
+        tmpl.render(ctx)
+            .map_err(|e| jinja_error(&self.origin, &self.source, "rendering", &e))
     }
 
     /// The text the template writes after an assistant message's content, used to close a generated
@@ -262,7 +292,10 @@ impl ChatTemplate {
         };
         let suffix = &text[at + RESPONSE_MARKER.len()..];
         if suffix.contains(RESPONSE_MARKER) {
-            bail!("{}: the template repeats the assistant message's content", self.origin);
+            bail!(
+                "{}: the template repeats the assistant message's content",
+                self.origin
+            );
         }
         let trimmed = suffix.trim_end();
         if !trimmed.is_empty() {
@@ -293,12 +326,16 @@ pub fn encode_chat(
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {} as JSON", path.display()))
 }
 
 /// A `chat_template` field: a string, or transformers' list of `{"name", "template"}` (the "default" one).
-fn template_from_json_field(field: Option<&serde_json::Value>, origin: &str) -> Result<Option<String>> {
+fn template_from_json_field(
+    field: Option<&serde_json::Value>,
+    origin: &str,
+) -> Result<Option<String>> {
     match field {
         None | Some(serde_json::Value::Null) => Ok(None),
         Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
@@ -313,9 +350,14 @@ fn template_from_json_field(field: Option<&serde_json::Value>, origin: &str) -> 
                     _ => bail!("{origin}: entry {i} of the template list lacks a string `name` or `template`"),
                 }
             }
-            bail!("{origin}: several chat templates ({}) and none named \"default\"", names.join(", "))
+            bail!(
+                "{origin}: several chat templates ({}) and none named \"default\"",
+                names.join(", ")
+            )
         }
-        Some(other) => bail!("{origin}: must be a string or a list of {{name, template}}, got {other}"),
+        Some(other) => {
+            bail!("{origin}: must be a string or a list of {{name, template}}, got {other}")
+        }
     }
 }
 
@@ -374,8 +416,16 @@ fn strftime_now(format: String) -> Result<Value, JinjaError> {
         ));
     }
     let mut out = String::new();
-    write!(out, "{}", chrono::Local::now().format_with_items(items.into_iter())).map_err(|_| {
-        JinjaError::new(ErrorKind::InvalidOperation, format!("strftime_now: cannot format {format:?}"))
+    write!(
+        out,
+        "{}",
+        chrono::Local::now().format_with_items(items.into_iter())
+    )
+    .map_err(|_| {
+        JinjaError::new(
+            ErrorKind::InvalidOperation,
+            format!("strftime_now: cannot format {format:?}"),
+        )
     })?;
     Ok(Value::from(out))
 }
@@ -386,7 +436,8 @@ fn python_formatter(out: &mut Output, _state: &State, value: &Value) -> Result<(
         return Ok(()); // Jinja2's default Undefined prints as nothing
     }
     let text = py_str(value);
-    out.write_str(&text).map_err(|e| JinjaError::new(ErrorKind::WriteFailure, e.to_string()))
+    out.write_str(&text)
+        .map_err(|e| JinjaError::new(ErrorKind::WriteFailure, e.to_string()))
 }
 
 /// Python `str(value)`.
@@ -406,7 +457,10 @@ fn py_repr(value: &Value) -> String {
         ValueKind::Number => py_number(value),
         ValueKind::String => py_str_repr(value.as_str().unwrap_or_default()),
         ValueKind::Seq | ValueKind::Iterable => match value.try_iter() {
-            Ok(items) => format!("[{}]", items.map(|v| py_repr(&v)).collect::<Vec<_>>().join(", ")),
+            Ok(items) => format!(
+                "[{}]",
+                items.map(|v| py_repr(&v)).collect::<Vec<_>>().join(", ")
+            ),
             Err(_) => value.to_string(),
         },
         ValueKind::Map => match value.try_iter() {
@@ -445,7 +499,11 @@ fn py_float_repr(f: f64) -> String {
         return if f > 0.0 { "inf".into() } else { "-inf".into() };
     }
     if f == 0.0 {
-        return if f.is_sign_negative() { "-0.0".into() } else { "0.0".into() };
+        return if f.is_sign_negative() {
+            "-0.0".into()
+        } else {
+            "0.0".into()
+        };
     }
     // Rust's `{:e}` gives the shortest round-trip digits, like Python's repr: "1.5e-5", "-1e16".
     let sci = format!("{f:e}");
@@ -463,14 +521,21 @@ fn py_float_repr(f: f64) -> String {
         if point <= 0 {
             format!("{sign}0.{}{digits}", "0".repeat((-point) as usize))
         } else if point as usize >= digits.len() {
-            format!("{sign}{digits}{}.0", "0".repeat(point as usize - digits.len()))
+            format!(
+                "{sign}{digits}{}.0",
+                "0".repeat(point as usize - digits.len())
+            )
         } else {
             let (a, b) = digits.split_at(point as usize);
             format!("{sign}{a}.{b}")
         }
     } else {
         let (a, b) = digits.split_at(1);
-        let m = if b.is_empty() { a.to_string() } else { format!("{a}.{b}") };
+        let m = if b.is_empty() {
+            a.to_string()
+        } else {
+            format!("{a}.{b}")
+        };
         let esign = if exp < 0 { '-' } else { '+' };
         format!("{sign}{m}e{esign}{:02}", exp.abs())
     }
@@ -478,7 +543,11 @@ fn py_float_repr(f: f64) -> String {
 
 /// Python's `repr(str)`: single quotes unless the text has a `'` and no `"`.
 fn py_str_repr(s: &str) -> String {
-    let quote = if s.contains('\'') && !s.contains('"') { '"' } else { '\'' };
+    let quote = if s.contains('\'') && !s.contains('"') {
+        '"'
+    } else {
+        '\''
+    };
     let mut out = String::with_capacity(s.len() + 2);
     out.push(quote);
     for c in s.chars() {
@@ -523,12 +592,17 @@ fn tojson(
     let ensure_ascii = pick(ensure_ascii, "ensure_ascii")?.is_some_and(|v| v.is_true());
     let indent = match pick(indent, "indent")? {
         None => None,
-        Some(v) if v.kind() == ValueKind::String => Some(v.as_str().unwrap_or_default().to_string()),
+        Some(v) if v.kind() == ValueKind::String => {
+            Some(v.as_str().unwrap_or_default().to_string())
+        }
         Some(v) => match v.as_i64() {
             // json.dumps: an integer indent is that many spaces (0 or less: newlines only).
             Some(n) => Some(" ".repeat(n.max(0) as usize)),
             None => {
-                return Err(JinjaError::new(ErrorKind::InvalidOperation, format!("tojson: bad indent {v}")))
+                return Err(JinjaError::new(
+                    ErrorKind::InvalidOperation,
+                    format!("tojson: bad indent {v}"),
+                ))
             }
         },
     };
@@ -536,9 +610,10 @@ fn tojson(
         Some(v) => {
             let parts: Vec<Value> = v.try_iter()?.collect();
             match parts.as_slice() {
-                [a, b] if a.as_str().is_some() && b.as_str().is_some() => {
-                    (a.as_str().unwrap_or_default().to_string(), b.as_str().unwrap_or_default().to_string())
-                }
+                [a, b] if a.as_str().is_some() && b.as_str().is_some() => (
+                    a.as_str().unwrap_or_default().to_string(),
+                    b.as_str().unwrap_or_default().to_string(),
+                ),
                 _ => {
                     return Err(JinjaError::new(
                         ErrorKind::InvalidOperation,
@@ -551,9 +626,17 @@ fn tojson(
         None if indent.is_some() => (",".to_string(), ": ".to_string()),
         None => (", ".to_string(), ": ".to_string()),
     };
-    let sort_keys = kwargs.get::<Option<Value>>("sort_keys")?.is_some_and(|v| v.is_true());
+    let sort_keys = kwargs
+        .get::<Option<Value>>("sort_keys")?
+        .is_some_and(|v| v.is_true());
     kwargs.assert_all_used()?;
-    let opts = JsonOpts { ensure_ascii, indent, item_sep, key_sep, sort_keys };
+    let opts = JsonOpts {
+        ensure_ascii,
+        indent,
+        item_sep,
+        key_sep,
+        sort_keys,
+    };
     let mut out = String::new();
     write_json(&mut out, &value, &opts, 0)?;
     Ok(Value::from(out))
@@ -570,12 +653,20 @@ struct JsonOpts {
 fn not_serializable(value: &Value) -> JinjaError {
     JinjaError::new(
         ErrorKind::InvalidOperation,
-        format!("tojson: Object of type {} is not JSON serializable", value.kind()),
+        format!(
+            "tojson: Object of type {} is not JSON serializable",
+            value.kind()
+        ),
     )
 }
 
 /// `json.dumps`'s encoder over minijinja values.
-fn write_json(out: &mut String, value: &Value, opts: &JsonOpts, level: usize) -> Result<(), JinjaError> {
+fn write_json(
+    out: &mut String,
+    value: &Value,
+    opts: &JsonOpts,
+    level: usize,
+) -> Result<(), JinjaError> {
     match value.kind() {
         ValueKind::None => out.push_str("null"),
         ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
@@ -588,13 +679,19 @@ fn write_json(out: &mut String, value: &Value, opts: &JsonOpts, level: usize) ->
                 out.push_str(&if f.is_nan() {
                     "NaN".to_string()
                 } else if f.is_infinite() {
-                    if f > 0.0 { "Infinity".to_string() } else { "-Infinity".to_string() }
+                    if f > 0.0 {
+                        "Infinity".to_string()
+                    } else {
+                        "-Infinity".to_string()
+                    }
                 } else {
                     py_float_repr(f)
                 });
             }
         }
-        ValueKind::String => write_json_str(out, value.as_str().unwrap_or_default(), opts.ensure_ascii),
+        ValueKind::String => {
+            write_json_str(out, value.as_str().unwrap_or_default(), opts.ensure_ascii)
+        }
         ValueKind::Seq | ValueKind::Iterable => {
             let items: Vec<Value> = value.try_iter()?.collect();
             if items.is_empty() {
@@ -625,7 +722,10 @@ fn write_json(out: &mut String, value: &Value, opts: &JsonOpts, level: usize) ->
                     _ => {
                         return Err(JinjaError::new(
                             ErrorKind::InvalidOperation,
-                            format!("tojson: keys must be str, int, float, bool or None, not {}", key.kind()),
+                            format!(
+                                "tojson: keys must be str, int, float, bool or None, not {}",
+                                key.kind()
+                            ),
                         ))
                     }
                 };
@@ -736,7 +836,10 @@ fn parse_generation_tag(tag: &str) -> Option<(usize, String)> {
     }
     let ws1 = &tag[ws1_start..i];
     let word_start = i;
-    while b.get(i).is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_') {
+    while b
+        .get(i)
+        .is_some_and(|c| c.is_ascii_alphanumeric() || *c == b'_')
+    {
         i += 1;
     }
     let keyword = match &tag[word_start..i] {
@@ -761,5 +864,8 @@ fn parse_generation_tag(tag: &str) -> Option<(usize, String)> {
     }
     let ws1 = if ws1.is_empty() { " " } else { ws1 };
     let ws2 = if ws2.is_empty() { " " } else { ws2 };
-    Some((i + 2, format!("{{%{open_mark}{ws1}{keyword}{ws2}{close_mark}%}}")))
+    Some((
+        i + 2,
+        format!("{{%{open_mark}{ws1}{keyword}{ws2}{close_mark}%}}"),
+    ))
 }

@@ -80,10 +80,16 @@ impl LoadReport {
             ));
         }
         if self.skipped_empty_prompt > 0 {
-            w.push(format!("{f}: skipped {} conversations whose first human turn is empty", self.skipped_empty_prompt));
+            w.push(format!(
+                "{f}: skipped {} conversations whose first human turn is empty",
+                self.skipped_empty_prompt
+            ));
         }
         if self.renamed_duplicate_ids > 0 {
-            w.push(format!("{f}: {} records repeat an earlier id; suffixed them with #2, #3, ...", self.renamed_duplicate_ids));
+            w.push(format!(
+                "{f}: {} records repeat an earlier id; suffixed them with #2, #3, ...",
+                self.renamed_duplicate_ids
+            ));
         }
         w
     }
@@ -105,16 +111,31 @@ pub fn load_prompts_limit(path: &Path, max: Option<usize>) -> Result<Vec<PromptR
 
 /// Like [`load_prompts_limit`], returning what was skipped instead of printing it.
 /// A file without any usable prompt is an error (unless `max` is `Some(0)`).
-pub fn load_prompts_with_report(path: &Path, max: Option<usize>) -> Result<(Vec<PromptRecord>, LoadReport)> {
+pub fn load_prompts_with_report(
+    path: &Path,
+    max: Option<usize>,
+) -> Result<(Vec<PromptRecord>, LoadReport)> {
     let format = detect_format(path)?;
-    let mut sink = Sink { max, prompts: Vec::new(), report: LoadReport { format: Some(format), ..Default::default() }, seen: HashMap::new() };
+    let mut sink = Sink {
+        max,
+        prompts: Vec::new(),
+        report: LoadReport {
+            format: Some(format),
+            ..Default::default()
+        },
+        seen: HashMap::new(),
+    };
     match format {
         PromptFormat::Jsonl => read_jsonl(path, &mut sink)?,
         PromptFormat::Parquet => read_parquet(path, &mut sink)?,
         PromptFormat::JsonArray => read_json_array(path, &mut sink)?,
     }
     if sink.prompts.is_empty() && max != Some(0) {
-        bail!("{}: no prompts found ({} records read)", path.display(), sink.report.records);
+        bail!(
+            "{}: no prompts found ({} records read)",
+            path.display(),
+            sink.report.records
+        );
     }
     Ok((sink.prompts, sink.report))
 }
@@ -122,18 +143,24 @@ pub fn load_prompts_with_report(path: &Path, max: Option<usize>) -> Result<(Vec<
 /// Picks the reader: Parquet by its `PAR1` magic or extension; otherwise the first non-blank byte
 /// (`[`: a JSON array; `{`: JSONL). `.json` files holding one object per line are read as JSONL.
 pub fn detect_format(path: &Path) -> Result<PromptFormat> {
-    let mut file = File::open(path).with_context(|| format!("opening prompt file {}", path.display()))?;
+    let mut file =
+        File::open(path).with_context(|| format!("opening prompt file {}", path.display()))?;
     let mut head = [0u8; 4096];
     let mut n = 0;
     while n < head.len() {
-        let got = file.read(&mut head[n..]).with_context(|| format!("reading {}", path.display()))?;
+        let got = file
+            .read(&mut head[n..])
+            .with_context(|| format!("reading {}", path.display()))?;
         if got == 0 {
             break;
         }
         n += got;
     }
     let head = &head[..n];
-    let ext = path.extension().and_then(|e| e.to_str()).map(|e| e.to_ascii_lowercase());
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(|e| e.to_ascii_lowercase());
     if head.starts_with(b"PAR1") || ext.as_deref() == Some("parquet") {
         return Ok(PromptFormat::Parquet);
     }
@@ -167,7 +194,9 @@ impl Sink {
     /// Parses one record (`index` is its 0-based position, `at` names it in errors: "file:LINE").
     fn push(&mut self, raw: RawRecord, index: usize, at: &str) -> Result<()> {
         self.report.records += 1;
-        let Some(mut rec) = raw.into_prompt(index, at, &mut self.report)? else { return Ok(()) };
+        let Some(mut rec) = raw.into_prompt(index, at, &mut self.report)? else {
+            return Ok(());
+        };
         let n = self.seen.entry(rec.id.clone()).or_insert(0);
         *n += 1;
         if *n > 1 {
@@ -195,9 +224,24 @@ struct RawRecord {
     conversations: Option<Json>,
 }
 
-const PROMPT_FIELDS: [&str; 5] = ["messages", "prompt", "instruction", "chosen", "conversations"];
+const PROMPT_FIELDS: [&str; 5] = [
+    "messages",
+    "prompt",
+    "instruction",
+    "chosen",
+    "conversations",
+];
 const ALL_FIELDS: [&str; 11] = [
-    "id", "prompt_id", "prompt", "instruction", "input", "output", "system", "messages", "chosen", "reference",
+    "id",
+    "prompt_id",
+    "prompt",
+    "instruction",
+    "input",
+    "output",
+    "system",
+    "messages",
+    "chosen",
+    "reference",
     "conversations",
 ];
 
@@ -222,26 +266,41 @@ fn opt_string(v: &Option<Json>, field: &str, at: &str) -> Result<Option<String>>
 
 /// `[{"role", "content"}]` → messages; `what` names the field in errors.
 fn parse_messages(v: &Json, what: &str, at: &str) -> Result<Vec<Message>> {
-    let Json::Array(items) = v else { bail!("{at}: `{what}` must be a list of {{role, content}}, got {}", type_name(v)) };
+    let Json::Array(items) = v else {
+        bail!(
+            "{at}: `{what}` must be a list of {{role, content}}, got {}",
+            type_name(v)
+        )
+    };
     let mut out = Vec::with_capacity(items.len());
     for (i, m) in items.iter().enumerate() {
         let role = m.get("role").and_then(Json::as_str);
         let content = m.get("content").and_then(Json::as_str);
         match (role, content) {
             (Some(role), Some(content)) => out.push(Message::new(role, content)),
-            _ => bail!("{at}: `{what}[{i}]` must be an object with string `role` and `content`, got {m}"),
+            _ => bail!(
+                "{at}: `{what}[{i}]` must be an object with string `role` and `content`, got {m}"
+            ),
         }
     }
     Ok(out)
 }
 
 impl RawRecord {
-    fn into_prompt(self, index: usize, at: &str, report: &mut LoadReport) -> Result<Option<PromptRecord>> {
+    fn into_prompt(
+        self,
+        index: usize,
+        at: &str,
+        report: &mut LoadReport,
+    ) -> Result<Option<PromptRecord>> {
         let id = match self.id.as_ref().or(self.prompt_id.as_ref()) {
             None => index.to_string(),
             Some(Json::String(s)) => s.clone(),
             Some(Json::Number(n)) => n.to_string(),
-            Some(other) => bail!("{at}: `id` must be a string or an integer, got {}", type_name(other)),
+            Some(other) => bail!(
+                "{at}: `id` must be a string or an integer, got {}",
+                type_name(other)
+            ),
         };
         let mut reference = opt_string(&self.reference, "reference", at)?;
         let system = opt_string(&self.system, "system", at)?;
@@ -257,7 +316,10 @@ impl RawRecord {
             match v {
                 Json::String(s) => vec![Message::user(s.clone())],
                 Json::Array(_) => parse_messages(v, "prompt", at)?,
-                other => bail!("{at}: `prompt` must be a string or a message list, got {}", type_name(other)),
+                other => bail!(
+                    "{at}: `prompt` must be a string or a message list, got {}",
+                    type_name(other)
+                ),
             }
         } else if let Some(v) = &self.instruction {
             let Json::String(instruction) = v else {
@@ -272,10 +334,7 @@ impl RawRecord {
         } else if let Some(v) = &self.chosen {
             let mut m = parse_messages(v, "chosen", at)?;
             if m.last().is_some_and(|m| m.role == "assistant") {
-                let last = m.pop().map(|m| m.content);
-                if reference.is_none() && self.output.is_none() {
-                    reference = last;
-                }
+                m.pop();
             }
             m
         } else if let Some(v) = &self.conversations {
@@ -289,6 +348,13 @@ impl RawRecord {
         if reference.is_none() {
             reference = opt_string(&self.output, "output", at)?;
         }
+        if let (None, Some(v)) = (&reference, &self.chosen) {
+            // The preferred answer of a preference pair (UltraFeedback's `chosen` ends with it).
+            reference = parse_messages(v, "chosen", at)?
+                .pop()
+                .filter(|m| m.role == "assistant")
+                .map(|m| m.content);
+        }
         if let Some(system) = system.filter(|s| !s.trim().is_empty()) {
             if messages.first().is_none_or(|m| m.role != "system") {
                 messages.insert(0, Message::system(system));
@@ -297,20 +363,36 @@ impl RawRecord {
         match messages.last() {
             None => bail!("{at}: the prompt has no messages"),
             Some(m) if m.role != "user" => {
-                bail!("{at}: the prompt must end with a user message, it ends with role {:?}", m.role)
+                bail!(
+                    "{at}: the prompt must end with a user message, it ends with role {:?}",
+                    m.role
+                )
             }
             Some(m) if m.content.trim().is_empty() => bail!("{at}: empty prompt"),
             Some(_) => {}
         }
-        Ok(Some(PromptRecord { id, messages, reference }))
+        Ok(Some(PromptRecord {
+            id,
+            messages,
+            reference,
+        }))
     }
 }
 
 /// A ShareGPT conversation: `Ok(None)` (counted) unless it starts human → gpt with a non-empty prompt.
-fn sharegpt(v: &Json, id: String, at: &str, report: &mut LoadReport) -> Result<Option<PromptRecord>> {
-    let Json::Array(turns) = v else { bail!("{at}: `conversations` must be a list, got {}", type_name(v)) };
+fn sharegpt(
+    v: &Json,
+    id: String,
+    at: &str,
+    report: &mut LoadReport,
+) -> Result<Option<PromptRecord>> {
+    let Json::Array(turns) = v else {
+        bail!("{at}: `conversations` must be a list, got {}", type_name(v))
+    };
     let turn = |i: usize| -> Result<Option<(&str, &str)>> {
-        let Some(t) = turns.get(i) else { return Ok(None) };
+        let Some(t) = turns.get(i) else {
+            return Ok(None);
+        };
         match (t.get("from").and_then(Json::as_str), t.get("value").and_then(Json::as_str)) {
             (Some(from), Some(value)) => Ok(Some((from, value))),
             _ => bail!("{at}: `conversations[{i}]` must be an object with string `from` and `value`, got {t}"),
@@ -322,7 +404,11 @@ fn sharegpt(v: &Json, id: String, at: &str, report: &mut LoadReport) -> Result<O
                 report.skipped_empty_prompt += 1;
                 return Ok(None);
             }
-            Ok(Some(PromptRecord { id, messages: vec![Message::user(prompt)], reference: Some(answer.to_string()) }))
+            Ok(Some(PromptRecord {
+                id,
+                messages: vec![Message::user(prompt)],
+                reference: Some(answer.to_string()),
+            }))
         }
         _ => {
             report.skipped_not_human_gpt += 1;
@@ -334,26 +420,36 @@ fn sharegpt(v: &Json, id: String, at: &str, report: &mut LoadReport) -> Result<O
 // ------------------------------------------------------------------------------------------------ JSONL
 
 fn read_jsonl(path: &Path, sink: &mut Sink) -> Result<()> {
-    let file = File::open(path).with_context(|| format!("opening prompt file {}", path.display()))?;
+    let file =
+        File::open(path).with_context(|| format!("opening prompt file {}", path.display()))?;
     let mut reader = BufReader::with_capacity(1 << 20, file);
     let mut line = String::new();
     let mut lineno = 0usize;
     while !sink.full() {
         line.clear();
-        let n = reader
-            .read_line(&mut line)
-            .with_context(|| format!("{}:{}: reading (is the file UTF-8?)", path.display(), lineno + 1))?;
+        let n = reader.read_line(&mut line).with_context(|| {
+            format!(
+                "{}:{}: reading (is the file UTF-8?)",
+                path.display(),
+                lineno + 1
+            )
+        })?;
         if n == 0 {
             break;
         }
         lineno += 1;
         let text = line.trim();
-        let text = if lineno == 1 { text.trim_start_matches('\u{feff}') } else { text };
+        let text = if lineno == 1 {
+            text.trim_start_matches('\u{feff}')
+        } else {
+            text
+        };
         if text.is_empty() {
             continue;
         }
         let at = format!("{}:{}", path.display(), lineno);
-        let raw: RawRecord = serde_json::from_str(text).map_err(|e| anyhow!("{at}: not a JSON object: {e}"))?;
+        let raw: RawRecord =
+            serde_json::from_str(text).map_err(|e| anyhow!("{at}: not a JSON object: {e}"))?;
         sink.push(raw, lineno - 1, &at)?;
     }
     Ok(())
@@ -365,14 +461,19 @@ fn read_jsonl(path: &Path, sink: &mut Sink) -> Result<()> {
 /// (tracking strings and nesting) and serde parses just that slice, so a truncated file keeps every
 /// complete record, and `max` stops the reading early.
 fn read_json_array(path: &Path, sink: &mut Sink) -> Result<()> {
-    let file = File::open(path).with_context(|| format!("opening prompt file {}", path.display()))?;
+    let file =
+        File::open(path).with_context(|| format!("opening prompt file {}", path.display()))?;
     let mut scan = ArrayScanner::new(BufReader::with_capacity(1 << 22, file));
     let mut element = Vec::new();
     let mut index = 0usize;
     let file_name = path.display().to_string();
-    scan.open().map_err(|e| anyhow!("{file_name}:{}: {e}", scan.line))?;
+    scan.open()
+        .map_err(|e| anyhow!("{file_name}:{}: {e}", scan.line))?;
     while !sink.full() {
-        match scan.next(&mut element).map_err(|e| anyhow!("{file_name}:{}: {e}", scan.line))? {
+        match scan
+            .next(&mut element)
+            .map_err(|e| anyhow!("{file_name}:{}: {e}", scan.line))?
+        {
             Next::End => break,
             Next::Truncated { line, bytes } => {
                 sink.report.truncated_tail = Some((line, bytes));
@@ -380,8 +481,9 @@ fn read_json_array(path: &Path, sink: &mut Sink) -> Result<()> {
             }
             Next::Element { line } => {
                 let at = format!("{file_name}:{line}");
-                let raw: RawRecord = serde_json::from_slice(&element)
-                    .map_err(|e| anyhow!("{at}: record {index} is not a valid record object: {e}"))?;
+                let raw: RawRecord = serde_json::from_slice(&element).map_err(|e| {
+                    anyhow!("{at}: record {index} is not a valid record object: {e}")
+                })?;
                 sink.push(raw, index, &at)?;
                 index += 1;
             }
@@ -405,7 +507,11 @@ struct ArrayScanner<R: BufRead> {
 
 impl<R: BufRead> ArrayScanner<R> {
     fn new(reader: R) -> Self {
-        ArrayScanner { reader, line: 1, first: true }
+        ArrayScanner {
+            reader,
+            line: 1,
+            first: true,
+        }
     }
 
     fn peek(&mut self) -> std::io::Result<Option<u8>> {
@@ -449,7 +555,12 @@ impl<R: BufRead> ArrayScanner<R> {
     fn next(&mut self, out: &mut Vec<u8>) -> Result<Next> {
         out.clear();
         match self.skip_ws()? {
-            None => return Ok(Next::Truncated { line: self.line, bytes: 0 }), // no closing `]`
+            None => {
+                return Ok(Next::Truncated {
+                    line: self.line,
+                    bytes: 0,
+                })
+            } // no closing `]`
             Some(b']') => {
                 self.bump();
                 return Ok(Next::End);
@@ -462,7 +573,12 @@ impl<R: BufRead> ArrayScanner<R> {
         }
         self.first = false;
         let start_line = match self.skip_ws()? {
-            None => return Ok(Next::Truncated { line: self.line, bytes: 0 }),
+            None => {
+                return Ok(Next::Truncated {
+                    line: self.line,
+                    bytes: 0,
+                })
+            }
             Some(_) => self.line,
         };
         // Scan one value: nesting depth outside strings; a scalar ends at `,` `]` or whitespace.
@@ -472,7 +588,10 @@ impl<R: BufRead> ArrayScanner<R> {
         loop {
             let buf = self.reader.fill_buf()?;
             if buf.is_empty() {
-                return Ok(Next::Truncated { line: start_line, bytes: out.len() as u64 });
+                return Ok(Next::Truncated {
+                    line: start_line,
+                    bytes: out.len() as u64,
+                });
             }
             let mut used = 0;
             let mut done = false;
@@ -531,8 +650,10 @@ fn read_parquet(path: &Path, sink: &mut Sink) -> Result<()> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     use parquet::schema::types::Type;
 
-    let file = File::open(path).with_context(|| format!("opening prompt file {}", path.display()))?;
-    let reader = SerializedFileReader::new(file).with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    let file =
+        File::open(path).with_context(|| format!("opening prompt file {}", path.display()))?;
+    let reader = SerializedFileReader::new(file)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
     let schema = reader.metadata().file_metadata().schema();
     let columns: Vec<&str> = schema.get_fields().iter().map(|f| f.name()).collect();
     if !PROMPT_FIELDS.iter().any(|f| columns.contains(f)) {
@@ -544,8 +665,12 @@ fn read_parquet(path: &Path, sink: &mut Sink) -> Result<()> {
         );
     }
     // Decode only the columns we use: preference sets carry large `rejected` lists and scores.
-    let kept: Vec<Arc<Type>> =
-        schema.get_fields().iter().filter(|f| ALL_FIELDS.contains(&f.name())).cloned().collect();
+    let kept: Vec<Arc<Type>> = schema
+        .get_fields()
+        .iter()
+        .filter(|f| ALL_FIELDS.contains(&f.name()))
+        .cloned()
+        .collect();
     let projection = Type::group_type_builder(schema.name())
         .with_fields(kept)
         .build()
@@ -584,17 +709,23 @@ fn field_to_json(field: &parquet::record::Field) -> Json {
         Field::UShort(n) => Json::from(*n),
         Field::UInt(n) => Json::from(*n),
         Field::ULong(n) => Json::from(*n),
-        Field::Float(n) => serde_json::Number::from_f64(f64::from(*n)).map_or(Json::Null, Json::Number),
+        Field::Float(n) => {
+            serde_json::Number::from_f64(f64::from(*n)).map_or(Json::Null, Json::Number)
+        }
         Field::Double(n) => serde_json::Number::from_f64(*n).map_or(Json::Null, Json::Number),
         Field::Str(s) => Json::String(s.clone()),
         Field::Bytes(b) => match std::str::from_utf8(b.data()) {
             Ok(s) => Json::String(s.to_string()),
             Err(_) => Json::String(field.to_string()),
         },
-        Field::Group(row) => {
-            Json::Object(row.get_column_iter().map(|(k, v)| (k.clone(), field_to_json(v))).collect())
+        Field::Group(row) => Json::Object(
+            row.get_column_iter()
+                .map(|(k, v)| (k.clone(), field_to_json(v)))
+                .collect(),
+        ),
+        Field::ListInternal(list) => {
+            Json::Array(list.elements().iter().map(field_to_json).collect())
         }
-        Field::ListInternal(list) => Json::Array(list.elements().iter().map(field_to_json).collect()),
         Field::MapInternal(map) => Json::Object(
             map.entries()
                 .iter()
