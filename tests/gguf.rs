@@ -786,6 +786,7 @@ fn converts_a_tiny_llama_to_a_hugging_face_directory() {
         assert_eq!(c["intermediate_size"], FF);
         assert_eq!(c["vocab_size"], m.vocab);
         assert_eq!(c["rope_theta"], 100000.0);
+        assert_eq!(c["rms_norm_eps"], 1e-5); // the f32 written as its shortest decimal
         assert_eq!(c["max_position_embeddings"], 256);
         assert_eq!(c["tie_word_embeddings"], tied);
         assert_eq!(c["rope_scaling"], serde_json::Value::Null);
