@@ -81,6 +81,32 @@ def check_tokenizers(ours_dir, gguf_path, summary):
     return cases, ours
 
 
+SP_SAMPLES = [
+    "hello world",
+    "the tokenizer is Mistral",
+    " leading space",
+    "two  spaces and héllo 123\n",
+    "in a world",
+    "<s>hello</s> world",
+]
+
+
+def check_sentencepiece(root, summary):
+    """Our tokenizer.json for a synthetic SentencePiece GGUF vs transformers' GGUF tokenizer."""
+    from transformers import AutoTokenizer
+
+    ours = AutoTokenizer.from_pretrained(os.path.join(root, "sentencepiece_hf"))
+    theirs = AutoTokenizer.from_pretrained(root, gguf_file="sentencepiece.gguf")
+    results = {}
+    for text in SP_SAMPLES:
+        a, b = ours(text)["input_ids"], theirs(text)["input_ids"]
+        results[text] = {"ours": a, "transformers_gguf": b, "decoded": ours.decode(a, skip_special_tokens=True)}
+        print(f"sentencepiece {'same' if a == b else 'DIFF'} {text!r}: ours {a} transformers-gguf {b}")
+        if a != b:
+            summary["failures"].append(f"sentencepiece tokenizer: ids differ on {text!r}: {a} vs {b}")
+    summary["sentencepiece_vs_transformers_gguf"] = results
+
+
 def check_weights(ours_dir, gguf_path, tokenizer, summary):
     import torch
     from transformers import AutoModelForCausalLM
@@ -198,6 +224,7 @@ def main():
     ours_dir = os.path.join(args.root, "smollm2_hf")
     summary = {"transformers": transformers.__version__, "failures": []}
     check_dtypes(args.root, summary)
+    check_sentencepiece(args.root, summary)
     cases, tokenizer = check_tokenizers(ours_dir, args.gguf, summary)
     if not args.skip_model:
         check_weights(ours_dir, args.gguf, tokenizer, summary)

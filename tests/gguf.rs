@@ -696,9 +696,52 @@ struct TinyModel {
     vocab: usize,
 }
 
+/// A SentencePiece (llama.cpp `llama` model) vocabulary without merges: control tokens, 256 byte
+/// tokens, then pieces whose scores (earlier = better) imply the merges, every prefix of a word
+/// included so that merges can build it.
+fn sentencepiece_vocab() -> (Vec<String>, Vec<i32>, Vec<f32>) {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types = vec![2, 3, 3];
+    for byte in 0..256 {
+        tokens.push(format!("<0x{byte:02X}>"));
+        types.push(6);
+    }
+    let words = ["▁the", "▁hello", "▁world", "▁in", "▁a", "ing", "▁token", "izer", "▁is", "▁Mist", "ral", "er", "▁▁"];
+    let mut pieces: Vec<String> = Vec::new();
+    for w in words {
+        for c in w.chars() {
+            if !pieces.contains(&c.to_string()) {
+                pieces.push(c.to_string());
+            }
+        }
+    }
+    for len in 2..=7 {
+        for w in words {
+            let p: String = w.chars().take(len).collect();
+            if p.chars().count() == len && !pieces.contains(&p) {
+                pieces.push(p);
+            }
+        }
+    }
+    let mut scores = vec![0f32; tokens.len()];
+    for (i, p) in pieces.into_iter().enumerate() {
+        tokens.push(p);
+        types.push(1);
+        scores.push(-(i as f32));
+    }
+    (tokens, types, scores)
+}
+
 fn tiny_llama(tied: bool) -> TinyModel {
+    tiny_llama_with(tied, false)
+}
+
+/// A one-layer Llama; `sentencepiece` picks a SentencePiece (`llama`) vocabulary instead of the
+/// byte-level one.
+fn tiny_llama_with(tied: bool, sentencepiece: bool) -> TinyModel {
     let (tokens, types, merges) = byte_level_vocab();
-    let vocab = tokens.len();
+    let (sp_tokens, sp_types, sp_scores) = sentencepiece_vocab();
+    let vocab = if sentencepiece { sp_tokens.len() } else { tokens.len() };
     let mut rng = Rng(42);
     let mut rand = |n: usize| (0..n).map(|_| rng.f32()).collect::<Vec<f32>>();
     let mut b = Builder::new();
@@ -723,6 +766,17 @@ fn tiny_llama(tied: bool) -> TinyModel {
         .kv("tokenizer.ggml.padding_token_id", V::U32(2))
         .kv("tokenizer.ggml.add_bos_token", V::Bool(false))
         .kv("tokenizer.chat_template", V::Str("{{ messages }}".into()));
+    if sentencepiece {
+        b.remove("tokenizer.ggml.pre")
+            .remove("tokenizer.ggml.merges")
+            .remove("tokenizer.ggml.add_bos_token")
+            .kv("tokenizer.ggml.model", V::Str("llama".into()))
+            .kv("tokenizer.ggml.tokens", V::strs(&sp_tokens.iter().map(String::as_str).collect::<Vec<_>>()))
+            .kv("tokenizer.ggml.token_type", V::Arr(5, sp_types.iter().map(|&t| V::I32(t)).collect()))
+            .kv("tokenizer.ggml.scores", V::Arr(6, sp_scores.iter().map(|&s| V::F32(s)).collect()))
+            .kv("tokenizer.ggml.unknown_token_id", V::U32(0))
+            .kv("tokenizer.ggml.padding_token_id", V::U32(0));
+    }
     let (q_rows, kv_rows) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
     let q_hf = rand(q_rows * HIDDEN);
     let k_hf = rand(kv_rows * HIDDEN);
@@ -1020,6 +1074,12 @@ fn write_converted_smollm2_for_python_check() {
         .map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).expect("view")))
         .collect();
     safetensors::serialize_to_file(views, None, &root.join("dtypes_ours.safetensors")).expect("write safetensors");
+
+    // A SentencePiece vocabulary (Mistral/Llama-2 style) for the tokenizer comparison.
+    let sp = tiny_llama_with(true, true);
+    let sp_gguf = root.join("sentencepiece.gguf");
+    std::fs::write(&sp_gguf, sp.builder.build().bytes).expect("write sentencepiece.gguf");
+    convert_gguf_to_hf(&sp_gguf, &root.join("sentencepiece_hf"), OutDtype::F32).expect("convert sentencepiece");
 
     let Some(path) = smollm2_path() else { return };
     let report = convert_gguf_to_hf(&path, &root.join("smollm2_hf"), OutDtype::F32).expect("convert");
