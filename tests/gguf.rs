@@ -1278,7 +1278,8 @@ fn sentencepiece_vocabularies_get_merges_from_scores() {
 #[test]
 fn conversion_errors_name_the_key_or_tensor() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Builder)>, &str)> = vec![
+    type Edit = Box<dyn Fn(&mut Builder)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
         (
             "no_layers",
             Box::new(|b| {

@@ -183,7 +183,7 @@ fn permute_rows(
     to_llama_cpp: bool,
 ) -> Result<Vec<f32>> {
     ensure!(
-        n_heads > 0 && rows % (2 * n_heads) == 0,
+        n_heads > 0 && rows.is_multiple_of(2 * n_heads),
         "Q/K permutation: {rows} rows do not split into {n_heads} heads of an even size"
     );
     ensure!(
@@ -1014,7 +1014,7 @@ fn build_tokenizer(m: &Meta, model_max_length: usize) -> Result<TokenizerFiles> 
         vocab_len(&tokenizer_json)
     );
 
-    fn name<'a>(t: Option<(&'a str, usize)>) -> Option<&'a str> {
+    fn name(t: Option<(&str, usize)>) -> Option<&str> {
         t.map(|(s, _)| s)
     }
     m.mark("tokenizer.chat_template");
