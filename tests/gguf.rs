@@ -119,7 +119,11 @@ mod writer {
 
     impl Builder {
         pub fn new() -> Builder {
-            Builder { version: 3, alignment: 32, ..Default::default() }
+            Builder {
+                version: 3,
+                alignment: 32,
+                ..Default::default()
+            }
         }
 
         pub fn kv(&mut self, key: &str, v: V) -> &mut Self {
@@ -138,8 +142,19 @@ mod writer {
             self
         }
 
-        pub fn tensor(&mut self, name: &str, dims: &[u64], type_id: u32, data: Vec<u8>) -> &mut Self {
-            self.tensors.push(Tensor { name: name.into(), dims: dims.to_vec(), type_id, data });
+        pub fn tensor(
+            &mut self,
+            name: &str,
+            dims: &[u64],
+            type_id: u32,
+            data: Vec<u8>,
+        ) -> &mut Self {
+            self.tensors.push(Tensor {
+                name: name.into(),
+                dims: dims.to_vec(),
+                type_id,
+                data,
+            });
             self
         }
 
@@ -179,7 +194,12 @@ mod writer {
                 let padded = align(out.len() as u64 - data_start as u64) as usize + data_start;
                 out.resize(padded, 0);
             }
-            Built { bytes: out, metadata_start, tensor_table_start, data_start }
+            Built {
+                bytes: out,
+                metadata_start,
+                tensor_table_start,
+                data_start,
+            }
         }
     }
 }
@@ -226,7 +246,10 @@ fn quantize_q4_0(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         let (db, d16) = f16_bits(d);
         bytes.extend(db);
-        let q: Vec<u8> = b.iter().map(|&v| ((v * id + 8.5) as i8).min(15) as u8).collect();
+        let q: Vec<u8> = b
+            .iter()
+            .map(|&v| ((v * id + 8.5) as i8).min(15) as u8)
+            .collect();
         for j in 0..16 {
             bytes.push(q[j] | (q[j + 16] << 4));
         }
@@ -246,7 +269,10 @@ fn quantize_q4_1(x: &[f32]) -> (Vec<u8>, Vec<f32>) {
         let (mb, m16) = f16_bits(min);
         bytes.extend(db);
         bytes.extend(mb);
-        let q: Vec<u8> = b.iter().map(|&v| (((v - min) * id + 0.5) as i8).min(15) as u8).collect();
+        let q: Vec<u8> = b
+            .iter()
+            .map(|&v| (((v - min) * id + 0.5) as i8).min(15) as u8)
+            .collect();
         for j in 0..16 {
             bytes.push(q[j] | (q[j + 16] << 4));
         }
@@ -265,7 +291,10 @@ fn quantize_q5(x: &[f32], with_min: bool) -> (Vec<u8>, Vec<f32>) {
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let (db, d16) = f16_bits(d);
             let (mb, m16) = f16_bits(min);
-            let q = b.iter().map(|&v| ((v - min) * id + 0.5) as i8 as u8).collect();
+            let q = b
+                .iter()
+                .map(|&v| ((v - min) * id + 0.5) as i8 as u8)
+                .collect();
             (q, d16, m16, [db, mb].concat())
         } else {
             let (mut amax, mut max) = (0f32, 0f32);
@@ -278,7 +307,10 @@ fn quantize_q5(x: &[f32], with_min: bool) -> (Vec<u8>, Vec<f32>) {
             let d = max / -16.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             let (db, d16) = f16_bits(d);
-            let q = b.iter().map(|&v| ((v * id + 16.5) as i8).min(31) as u8).collect();
+            let q = b
+                .iter()
+                .map(|&v| ((v * id + 16.5) as i8).min(31) as u8)
+                .collect();
             (q, d16, 0.0, db)
         };
         bytes.extend(header);
@@ -340,7 +372,11 @@ fn random_q45k_block(rng: &mut Rng, bits: u32) -> (Vec<u8>, Vec<f32>) {
     for (e, &c) in codes.iter().enumerate() {
         let (sub, l) = (e / 32, e % 32);
         let byte = 32 * (sub / 2) + l;
-        qs[byte] |= if sub % 2 == 0 { c & 0xF } else { (c & 0xF) << 4 };
+        qs[byte] |= if sub % 2 == 0 {
+            c & 0xF
+        } else {
+            (c & 0xF) << 4
+        };
         if c & 0x10 != 0 {
             qh[l] |= 1 << sub;
         }
@@ -381,7 +417,10 @@ fn tmp_file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {
 
 fn assert_bits_eq(name: &str, got: &[f32], want: &[f32]) {
     assert_eq!(got.len(), want.len(), "{name}: length");
-    let bad = got.iter().zip(want).position(|(a, b)| a.to_bits() != b.to_bits());
+    let bad = got
+        .iter()
+        .zip(want)
+        .position(|(a, b)| a.to_bits() != b.to_bits());
     if let Some(i) = bad {
         panic!("{name}: element {i}: got {} want {}", got[i], want[i]);
     }
@@ -410,7 +449,13 @@ fn metadata_every_type_round_trips() {
         .kv("t.empty", V::Arr(4, vec![]))
         .kv(
             "t.nested",
-            V::Arr(9, vec![V::Arr(4, vec![V::U32(1), V::U32(2)]), V::Arr(4, vec![V::U32(3)])]),
+            V::Arr(
+                9,
+                vec![
+                    V::Arr(4, vec![V::U32(1), V::U32(2)]),
+                    V::Arr(4, vec![V::U32(3)]),
+                ],
+            ),
         );
     let dir = tempfile::tempdir().expect("tempdir");
     let path = tmp_file(&dir, "meta.gguf", &b.build().bytes);
@@ -429,22 +474,40 @@ fn metadata_every_type_round_trips() {
     assert_eq!(g.get_f64("t.f64").ok(), Some(-2.25));
     assert_eq!(g.get_bool("t.bool").ok(), Some(true));
     assert_eq!(g.get_str("t.str").ok(), Some("héllo ▁ <|im_start|>"));
-    assert_eq!(g.get_str_array("t.strs").ok(), Some(vec!["a", "", "ĠĠ", "日本"]));
+    assert_eq!(
+        g.get_str_array("t.strs").ok(),
+        Some(vec!["a", "", "ĠĠ", "日本"])
+    );
     assert_eq!(g.get_i64_array("t.ints").ok(), Some(vec![-1, 3]));
     assert_eq!(g.get_f32_array("t.floats").ok(), Some(vec![0.5, -1.0]));
     assert_eq!(g.get("t.empty"), Some(&MetadataValue::Array(vec![])));
-    let nested = g.get("t.nested").and_then(|v| v.as_array()).expect("nested array");
-    assert_eq!(nested[0], MetadataValue::Array(vec![MetadataValue::U32(1), MetadataValue::U32(2)]));
+    let nested = g
+        .get("t.nested")
+        .and_then(|v| v.as_array())
+        .expect("nested array");
+    assert_eq!(
+        nested[0],
+        MetadataValue::Array(vec![MetadataValue::U32(1), MetadataValue::U32(2)])
+    );
     assert_eq!(nested[1], MetadataValue::Array(vec![MetadataValue::U32(3)]));
     assert_eq!(g.opt_u64("absent").ok(), Some(None));
 
     // Errors name the key and the file.
     let e = g.get_str("t.u32").expect_err("wrong type").to_string();
-    assert!(e.contains("t.u32") && e.contains("meta.gguf") && e.contains("u32"), "{e}");
+    assert!(
+        e.contains("t.u32") && e.contains("meta.gguf") && e.contains("u32"),
+        "{e}"
+    );
     let e = g.get_u64("t.i8").expect_err("negative").to_string();
     assert!(e.contains("t.i8"), "{e}");
-    let e = g.get_u64("llama.block_count").expect_err("missing").to_string();
-    assert!(e.contains("llama.block_count") && e.contains("meta.gguf"), "{e}");
+    let e = g
+        .get_u64("llama.block_count")
+        .expect_err("missing")
+        .to_string();
+    assert!(
+        e.contains("llama.block_count") && e.contains("meta.gguf"),
+        "{e}"
+    );
     let e = g.opt_bool("t.str").expect_err("wrong type").to_string();
     assert!(e.contains("t.str"), "{e}");
     let e = g.tensor("nope").expect_err("missing tensor").to_string();
@@ -461,27 +524,85 @@ fn dtype_file(alignment: Option<u32>, version: u32) -> (Builder, Vec<(String, Ve
         b.kv("general.alignment", V::U32(a));
     }
     let mut expected = Vec::new();
-    let mut add = |b: &mut Builder, name: &str, dims: &[u64], ty: GgmlType, (bytes, want): (Vec<u8>, Vec<f32>)| {
+    let mut add = |b: &mut Builder,
+                   name: &str,
+                   dims: &[u64],
+                   ty: GgmlType,
+                   (bytes, want): (Vec<u8>, Vec<f32>)| {
         b.tensor(name, dims, ty.id(), bytes);
         expected.push((name.to_string(), want));
     };
-    add(&mut b, "f32", &[32, 3], GgmlType::F32, (x.iter().flat_map(|v| v.to_le_bytes()).collect(), x.clone()));
+    add(
+        &mut b,
+        "f32",
+        &[32, 3],
+        GgmlType::F32,
+        (x.iter().flat_map(|v| v.to_le_bytes()).collect(), x.clone()),
+    );
     let h: Vec<f16> = x.iter().map(|&v| f16::from_f32(v)).collect();
-    add(&mut b, "f16", &[32, 3], GgmlType::F16, (h.iter().flat_map(|v| v.to_le_bytes()).collect(), h.iter().map(|v| v.to_f32()).collect()));
+    add(
+        &mut b,
+        "f16",
+        &[32, 3],
+        GgmlType::F16,
+        (
+            h.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            h.iter().map(|v| v.to_f32()).collect(),
+        ),
+    );
     let bf: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
-    add(&mut b, "bf16", &[32, 3], GgmlType::Bf16, (bf.iter().flat_map(|v| v.to_le_bytes()).collect(), bf.iter().map(|v| v.to_f32()).collect()));
+    add(
+        &mut b,
+        "bf16",
+        &[32, 3],
+        GgmlType::Bf16,
+        (
+            bf.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            bf.iter().map(|v| v.to_f32()).collect(),
+        ),
+    );
     add(&mut b, "q8_0", &[32, 3], GgmlType::Q8_0, quantize_q8_0(&x));
     add(&mut b, "q4_0", &[32, 3], GgmlType::Q4_0, quantize_q4_0(&x));
     add(&mut b, "q4_1", &[32, 3], GgmlType::Q4_1, quantize_q4_1(&x));
-    add(&mut b, "q5_0", &[32, 3], GgmlType::Q5_0, quantize_q5(&x, false));
-    add(&mut b, "q5_1", &[32, 3], GgmlType::Q5_1, quantize_q5(&x, true));
+    add(
+        &mut b,
+        "q5_0",
+        &[32, 3],
+        GgmlType::Q5_0,
+        quantize_q5(&x, false),
+    );
+    add(
+        &mut b,
+        "q5_1",
+        &[32, 3],
+        GgmlType::Q5_1,
+        quantize_q5(&x, true),
+    );
     let k_blocks = |f: &mut dyn FnMut() -> (Vec<u8>, Vec<f32>)| {
         let (a, b) = (f(), f());
         ([a.0, b.0].concat(), [a.1, b.1].concat())
     };
-    add(&mut b, "q4_k", &[256, 2], GgmlType::Q4K, k_blocks(&mut || random_q45k_block(&mut rng, 4)));
-    add(&mut b, "q5_k", &[512, 1], GgmlType::Q5K, k_blocks(&mut || random_q45k_block(&mut rng, 5)));
-    add(&mut b, "q6_k", &[256, 2], GgmlType::Q6K, k_blocks(&mut || random_q6k_block(&mut rng)));
+    add(
+        &mut b,
+        "q4_k",
+        &[256, 2],
+        GgmlType::Q4K,
+        k_blocks(&mut || random_q45k_block(&mut rng, 4)),
+    );
+    add(
+        &mut b,
+        "q5_k",
+        &[512, 1],
+        GgmlType::Q5K,
+        k_blocks(&mut || random_q45k_block(&mut rng, 5)),
+    );
+    add(
+        &mut b,
+        "q6_k",
+        &[256, 2],
+        GgmlType::Q6K,
+        k_blocks(&mut || random_q6k_block(&mut rng)),
+    );
     (b, expected)
 }
 
@@ -501,7 +622,10 @@ fn every_dtype_dequantizes_to_the_block_formula() {
         for (name, want) in &expected {
             let t = g.tensor(name).expect("tensor");
             assert_eq!(t.offset % align, 0, "{name} offset");
-            assert_eq!(t.shape(), t.dims.iter().rev().map(|&d| d as usize).collect::<Vec<_>>());
+            assert_eq!(
+                t.shape(),
+                t.dims.iter().rev().map(|&d| d as usize).collect::<Vec<_>>()
+            );
             let got = g.dequantize(name).expect("dequantize");
             assert_bits_eq(&format!("{name} (alignment {align})"), &got, want);
         }
@@ -509,7 +633,11 @@ fn every_dtype_dequantizes_to_the_block_formula() {
         let f32s = g.dequantize("f32").expect("f32");
         for name in ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"] {
             let q = g.dequantize(name).expect("q");
-            let worst = q.iter().zip(&f32s).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let worst = q
+                .iter()
+                .zip(&f32s)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(worst < 0.5, "{name}: max |Δ| {worst}");
         }
     }
@@ -587,7 +715,10 @@ fn corrupt_headers_are_errors() {
     huge_array[at + 4..at + 12].copy_from_slice(&(1u64 << 60).to_le_bytes());
     let (at, mut bad_bool) = value_at(V::Bool(true));
     bad_bool[at] = 7;
-    let odd_alignment = Builder::new().kv("general.alignment", V::U32(48)).build().bytes;
+    let odd_alignment = Builder::new()
+        .kv("general.alignment", V::U32(48))
+        .build()
+        .bytes;
     for (name, bytes, needle) in [
         ("magic", bad_magic, "not a GGUF"),
         ("v1", v1, "version 1"),
@@ -599,22 +730,39 @@ fn corrupt_headers_are_errors() {
         ("alignment", odd_alignment, "general.alignment"),
     ] {
         let path = tmp_file(&dir, &format!("{name}.gguf"), &bytes);
-        let e = GgufFile::open(&path).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(e.contains(&format!("{name}.gguf")) && e.contains(needle), "{name}: {e:?}");
+        let e = GgufFile::open(&path)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains(&format!("{name}.gguf")) && e.contains(needle),
+            "{name}: {e:?}"
+        );
     }
 }
 
 #[test]
 fn unsupported_dtypes_name_the_tensor_and_type() {
     let mut b = Builder::new();
-    b.tensor("blk.0.attn_q.weight", &[256, 1], GgmlType::Q2K.id(), vec![0u8; 84]);
+    b.tensor(
+        "blk.0.attn_q.weight",
+        &[256, 1],
+        GgmlType::Q2K.id(),
+        vec![0u8; 84],
+    );
     b.tensor("weird", &[4], 99, vec![0u8; 16]);
     b.tensor("odd_length", &[33], GgmlType::F32.id(), vec![0u8; 33 * 4]);
     let dir = tempfile::tempdir().expect("tempdir");
     let path = tmp_file(&dir, "types.gguf", &b.build().bytes);
     let g = GgufFile::open(&path).expect("open");
-    let e = g.dequantize("blk.0.attn_q.weight").expect_err("q2_k").to_string();
-    assert!(e.contains("blk.0.attn_q.weight") && e.contains("Q2_K") && e.contains("types.gguf"), "{e}");
+    let e = g
+        .dequantize("blk.0.attn_q.weight")
+        .expect_err("q2_k")
+        .to_string();
+    assert!(
+        e.contains("blk.0.attn_q.weight") && e.contains("Q2_K") && e.contains("types.gguf"),
+        "{e}"
+    );
     let e = g.dequantize("weird").expect_err("unknown").to_string();
     assert!(e.contains("weird") && e.contains("99"), "{e}");
     assert!(g.dequantize("odd_length").is_ok());
@@ -623,7 +771,10 @@ fn unsupported_dtypes_name_the_tensor_and_type() {
     let mut b = Builder::new();
     b.tensor("partial", &[48], GgmlType::Q8_0.id(), vec![0u8; 68]);
     let path = tmp_file(&dir, "partial.gguf", &b.build().bytes);
-    let e = GgufFile::open(&path).err().map(|e| e.to_string()).unwrap_or_default();
+    let e = GgufFile::open(&path)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     assert!(e.contains("partial") && e.contains("block size"), "{e}");
 }
 
@@ -638,13 +789,25 @@ fn qk_permutation_inverts_and_matches_a_hand_checked_case() {
     assert_eq!(cpp[3], 13.0); // row 1 is HF row 3, both columns
     assert_eq!(unpermute_qk(&cpp, 6, 2, 1).expect("unpermute"), hf);
     // Unpermuting HF-ordered rows is a different map (so applying the wrong one is detectable).
-    assert_eq!(rows(&unpermute_qk(&hf, 6, 2, 1).expect("unpermute")), vec![0, 2, 4, 1, 3, 5]);
+    assert_eq!(
+        rows(&unpermute_qk(&hf, 6, 2, 1).expect("unpermute")),
+        vec![0, 2, 4, 1, 3, 5]
+    );
 
     // Round trips on a larger GQA-shaped case: 3 heads of 8 rows, 5 columns.
     let x: Vec<f32> = (0..24 * 5).map(|i| i as f32 * 0.5 - 7.0).collect();
-    assert_eq!(unpermute_qk(&permute_qk(&x, 24, 5, 3).expect("p"), 24, 5, 3).expect("u"), x);
-    assert_eq!(permute_qk(&unpermute_qk(&x, 24, 5, 3).expect("u"), 24, 5, 3).expect("p"), x);
-    assert!(permute_qk(&x, 24, 5, 5).is_err(), "24 rows do not split into 5 heads");
+    assert_eq!(
+        unpermute_qk(&permute_qk(&x, 24, 5, 3).expect("p"), 24, 5, 3).expect("u"),
+        x
+    );
+    assert_eq!(
+        permute_qk(&unpermute_qk(&x, 24, 5, 3).expect("u"), 24, 5, 3).expect("p"),
+        x
+    );
+    assert!(
+        permute_qk(&x, 24, 5, 5).is_err(),
+        "24 rows do not split into 5 heads"
+    );
     assert!(permute_qk(&x[1..], 24, 5, 3).is_err(), "wrong length");
 }
 
@@ -663,12 +826,17 @@ fn f32_bytes(x: &[f32]) -> Vec<u8> {
 
 /// Byte-level BPE vocabulary: 3 control tokens, the 256 byte symbols, then merged tokens.
 fn byte_level_vocab() -> (Vec<String>, Vec<i32>, Vec<String>) {
-    let mut tokens: Vec<String> = vec!["<|endoftext|>".into(), "<|im_start|>".into(), "<|im_end|>".into()];
+    let mut tokens: Vec<String> = vec![
+        "<|endoftext|>".into(),
+        "<|im_start|>".into(),
+        "<|im_end|>".into(),
+    ];
     let mut types = vec![3, 3, 3];
     // GPT-2's byte alphabet, in byte order.
     let mut n = 0u32;
     for b in 0..256u32 {
-        let printable = (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+        let printable =
+            (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
         let c = if printable {
             b
         } else {
@@ -696,9 +864,59 @@ struct TinyModel {
     vocab: usize,
 }
 
+/// A SentencePiece (llama.cpp `llama` model) vocabulary without merges: control tokens, 256 byte
+/// tokens, then pieces whose scores (earlier = better) imply the merges, every prefix of a word
+/// included so that merges can build it.
+fn sentencepiece_vocab() -> (Vec<String>, Vec<i32>, Vec<f32>) {
+    let mut tokens: Vec<String> = vec!["<unk>".into(), "<s>".into(), "</s>".into()];
+    let mut types = vec![2, 3, 3];
+    for byte in 0..256 {
+        tokens.push(format!("<0x{byte:02X}>"));
+        types.push(6);
+    }
+    let words = [
+        "▁the", "▁hello", "▁world", "▁in", "▁a", "ing", "▁token", "izer", "▁is", "▁Mist", "ral",
+        "er", "▁▁",
+    ];
+    let mut pieces: Vec<String> = Vec::new();
+    for w in words {
+        for c in w.chars() {
+            if !pieces.contains(&c.to_string()) {
+                pieces.push(c.to_string());
+            }
+        }
+    }
+    for len in 2..=7 {
+        for w in words {
+            let p: String = w.chars().take(len).collect();
+            if p.chars().count() == len && !pieces.contains(&p) {
+                pieces.push(p);
+            }
+        }
+    }
+    let mut scores = vec![0f32; tokens.len()];
+    for (i, p) in pieces.into_iter().enumerate() {
+        tokens.push(p);
+        types.push(1);
+        scores.push(-(i as f32));
+    }
+    (tokens, types, scores)
+}
+
 fn tiny_llama(tied: bool) -> TinyModel {
+    tiny_llama_with(tied, false)
+}
+
+/// A one-layer Llama; `sentencepiece` picks a SentencePiece (`llama`) vocabulary instead of the
+/// byte-level one.
+fn tiny_llama_with(tied: bool, sentencepiece: bool) -> TinyModel {
     let (tokens, types, merges) = byte_level_vocab();
-    let vocab = tokens.len();
+    let (sp_tokens, sp_types, sp_scores) = sentencepiece_vocab();
+    let vocab = if sentencepiece {
+        sp_tokens.len()
+    } else {
+        tokens.len()
+    };
     let mut rng = Rng(42);
     let mut rand = |n: usize| (0..n).map(|_| rng.f32()).collect::<Vec<f32>>();
     let mut b = Builder::new();
@@ -715,37 +933,131 @@ fn tiny_llama(tied: bool) -> TinyModel {
         .kv("llama.vocab_size", V::U32(vocab as u32))
         .kv("tokenizer.ggml.model", V::Str("gpt2".into()))
         .kv("tokenizer.ggml.pre", V::Str("smollm".into()))
-        .kv("tokenizer.ggml.tokens", V::strs(&tokens.iter().map(String::as_str).collect::<Vec<_>>()))
-        .kv("tokenizer.ggml.token_type", V::Arr(5, types.iter().map(|&t| V::I32(t)).collect()))
-        .kv("tokenizer.ggml.merges", V::strs(&merges.iter().map(String::as_str).collect::<Vec<_>>()))
+        .kv(
+            "tokenizer.ggml.tokens",
+            V::strs(&tokens.iter().map(String::as_str).collect::<Vec<_>>()),
+        )
+        .kv(
+            "tokenizer.ggml.token_type",
+            V::Arr(5, types.iter().map(|&t| V::I32(t)).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.merges",
+            V::strs(&merges.iter().map(String::as_str).collect::<Vec<_>>()),
+        )
         .kv("tokenizer.ggml.bos_token_id", V::U32(1))
         .kv("tokenizer.ggml.eos_token_id", V::U32(2))
         .kv("tokenizer.ggml.padding_token_id", V::U32(2))
         .kv("tokenizer.ggml.add_bos_token", V::Bool(false))
         .kv("tokenizer.chat_template", V::Str("{{ messages }}".into()));
+    if sentencepiece {
+        b.remove("tokenizer.ggml.pre")
+            .remove("tokenizer.ggml.merges")
+            .remove("tokenizer.ggml.add_bos_token")
+            .kv("tokenizer.ggml.model", V::Str("llama".into()))
+            .kv(
+                "tokenizer.ggml.tokens",
+                V::strs(&sp_tokens.iter().map(String::as_str).collect::<Vec<_>>()),
+            )
+            .kv(
+                "tokenizer.ggml.token_type",
+                V::Arr(5, sp_types.iter().map(|&t| V::I32(t)).collect()),
+            )
+            .kv(
+                "tokenizer.ggml.scores",
+                V::Arr(6, sp_scores.iter().map(|&s| V::F32(s)).collect()),
+            )
+            .kv("tokenizer.ggml.unknown_token_id", V::U32(0))
+            .kv("tokenizer.ggml.padding_token_id", V::U32(0));
+    }
     let (q_rows, kv_rows) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
     let q_hf = rand(q_rows * HIDDEN);
     let k_hf = rand(kv_rows * HIDDEN);
     let embd = rand(vocab * HIDDEN);
     let (embd_q8, _) = quantize_q8_0(&embd);
-    b.tensor("token_embd.weight", &[HIDDEN as u64, vocab as u64], GgmlType::Q8_0.id(), embd_q8);
+    b.tensor(
+        "token_embd.weight",
+        &[HIDDEN as u64, vocab as u64],
+        GgmlType::Q8_0.id(),
+        embd_q8,
+    );
     let perm_q = permute_qk(&q_hf, q_rows, HIDDEN, HEADS).expect("permute q");
     let perm_k = permute_qk(&k_hf, kv_rows, HIDDEN, KV_HEADS).expect("permute k");
-    b.tensor("blk.0.attn_q.weight", &[HIDDEN as u64, q_rows as u64], 0, f32_bytes(&perm_q));
-    b.tensor("blk.0.attn_k.weight", &[HIDDEN as u64, kv_rows as u64], 0, f32_bytes(&perm_k));
-    b.tensor("blk.0.attn_v.weight", &[HIDDEN as u64, kv_rows as u64], 0, f32_bytes(&rand(kv_rows * HIDDEN)));
-    b.tensor("blk.0.attn_output.weight", &[q_rows as u64, HIDDEN as u64], 0, f32_bytes(&rand(q_rows * HIDDEN)));
+    b.tensor(
+        "blk.0.attn_q.weight",
+        &[HIDDEN as u64, q_rows as u64],
+        0,
+        f32_bytes(&perm_q),
+    );
+    b.tensor(
+        "blk.0.attn_k.weight",
+        &[HIDDEN as u64, kv_rows as u64],
+        0,
+        f32_bytes(&perm_k),
+    );
+    b.tensor(
+        "blk.0.attn_v.weight",
+        &[HIDDEN as u64, kv_rows as u64],
+        0,
+        f32_bytes(&rand(kv_rows * HIDDEN)),
+    );
+    b.tensor(
+        "blk.0.attn_output.weight",
+        &[q_rows as u64, HIDDEN as u64],
+        0,
+        f32_bytes(&rand(q_rows * HIDDEN)),
+    );
     let (gate, _) = quantize_q4_1(&rand(FF * HIDDEN));
-    b.tensor("blk.0.ffn_gate.weight", &[HIDDEN as u64, FF as u64], GgmlType::Q4_1.id(), gate);
-    b.tensor("blk.0.ffn_up.weight", &[HIDDEN as u64, FF as u64], 0, f32_bytes(&rand(FF * HIDDEN)));
-    b.tensor("blk.0.ffn_down.weight", &[FF as u64, HIDDEN as u64], 0, f32_bytes(&rand(FF * HIDDEN)));
-    b.tensor("blk.0.attn_norm.weight", &[HIDDEN as u64], 0, f32_bytes(&rand(HIDDEN)));
-    b.tensor("blk.0.ffn_norm.weight", &[HIDDEN as u64], 0, f32_bytes(&rand(HIDDEN)));
-    b.tensor("output_norm.weight", &[HIDDEN as u64], 0, f32_bytes(&rand(HIDDEN)));
+    b.tensor(
+        "blk.0.ffn_gate.weight",
+        &[HIDDEN as u64, FF as u64],
+        GgmlType::Q4_1.id(),
+        gate,
+    );
+    b.tensor(
+        "blk.0.ffn_up.weight",
+        &[HIDDEN as u64, FF as u64],
+        0,
+        f32_bytes(&rand(FF * HIDDEN)),
+    );
+    b.tensor(
+        "blk.0.ffn_down.weight",
+        &[FF as u64, HIDDEN as u64],
+        0,
+        f32_bytes(&rand(FF * HIDDEN)),
+    );
+    b.tensor(
+        "blk.0.attn_norm.weight",
+        &[HIDDEN as u64],
+        0,
+        f32_bytes(&rand(HIDDEN)),
+    );
+    b.tensor(
+        "blk.0.ffn_norm.weight",
+        &[HIDDEN as u64],
+        0,
+        f32_bytes(&rand(HIDDEN)),
+    );
+    b.tensor(
+        "output_norm.weight",
+        &[HIDDEN as u64],
+        0,
+        f32_bytes(&rand(HIDDEN)),
+    );
     if !tied {
-        b.tensor("output.weight", &[HIDDEN as u64, vocab as u64], 0, f32_bytes(&rand(vocab * HIDDEN)));
+        b.tensor(
+            "output.weight",
+            &[HIDDEN as u64, vocab as u64],
+            0,
+            f32_bytes(&rand(vocab * HIDDEN)),
+        );
     }
-    TinyModel { builder: b, q_hf, k_hf, vocab }
+    TinyModel {
+        builder: b,
+        q_hf,
+        k_hf,
+        vocab,
+    }
 }
 
 fn read_json(path: &Path) -> serde_json::Value {
@@ -758,8 +1070,16 @@ fn safetensors_f32(dir: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse safetensors");
     let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
     let values = match t.dtype() {
-        safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        safetensors::Dtype::BF16 => t.data().chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        safetensors::Dtype::F32 => t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        safetensors::Dtype::BF16 => t
+            .data()
+            .chunks_exact(2)
+            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         other => panic!("{name}: dtype {other:?}"),
     };
     (t.shape().to_vec(), values)
@@ -774,7 +1094,11 @@ fn converts_a_tiny_llama_to_a_hugging_face_directory() {
         let out = dir.path().join(format!("hf_tied_{tied}"));
         let report = convert_gguf_to_hf(&gguf, &out, OutDtype::F32).expect("convert");
         assert_eq!(report.tensors.len(), 1 + 9 + 1 + usize::from(!tied));
-        assert!(report.ignored_metadata.is_empty(), "{:?}", report.ignored_metadata);
+        assert!(
+            report.ignored_metadata.is_empty(),
+            "{:?}",
+            report.ignored_metadata
+        );
 
         let c = read_json(&out.join("config.json"));
         assert_eq!(c["architectures"][0], "LlamaForCausalLM");
@@ -786,10 +1110,14 @@ fn converts_a_tiny_llama_to_a_hugging_face_directory() {
         assert_eq!(c["intermediate_size"], FF);
         assert_eq!(c["vocab_size"], m.vocab);
         assert_eq!(c["rope_theta"], 100000.0);
+        assert_eq!(c["rms_norm_eps"], 1e-5); // the f32 written as its shortest decimal
         assert_eq!(c["max_position_embeddings"], 256);
         assert_eq!(c["tie_word_embeddings"], tied);
         assert_eq!(c["rope_scaling"], serde_json::Value::Null);
-        assert_eq!((c["bos_token_id"].as_u64(), c["eos_token_id"].as_u64()), (Some(1), Some(2)));
+        assert_eq!(
+            (c["bos_token_id"].as_u64(), c["eos_token_id"].as_u64()),
+            (Some(1), Some(2))
+        );
         assert_eq!(c["torch_dtype"], "float32");
 
         let g = GgufFile::open(&gguf).expect("open");
@@ -800,10 +1128,22 @@ fn converts_a_tiny_llama_to_a_hugging_face_directory() {
         assert_bits_eq("k_proj", &k, &m.k_hf);
         for (gguf_name, hf) in [
             ("token_embd.weight", "model.embed_tokens.weight"),
-            ("blk.0.ffn_gate.weight", "model.layers.0.mlp.gate_proj.weight"),
-            ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
-            ("blk.0.attn_norm.weight", "model.layers.0.input_layernorm.weight"),
-            ("blk.0.ffn_norm.weight", "model.layers.0.post_attention_layernorm.weight"),
+            (
+                "blk.0.ffn_gate.weight",
+                "model.layers.0.mlp.gate_proj.weight",
+            ),
+            (
+                "blk.0.ffn_down.weight",
+                "model.layers.0.mlp.down_proj.weight",
+            ),
+            (
+                "blk.0.attn_norm.weight",
+                "model.layers.0.input_layernorm.weight",
+            ),
+            (
+                "blk.0.ffn_norm.weight",
+                "model.layers.0.post_attention_layernorm.weight",
+            ),
             ("output_norm.weight", "model.norm.weight"),
         ] {
             let (shape, v) = safetensors_f32(&out, hf);
@@ -811,7 +1151,10 @@ fn converts_a_tiny_llama_to_a_hugging_face_directory() {
             assert_bits_eq(hf, &v, &g.dequantize(gguf_name).expect("dq"));
         }
         let st = std::fs::read(out.join("model.safetensors")).expect("st");
-        let has_head = safetensors::SafeTensors::deserialize(&st).expect("st").tensor("lm_head.weight").is_ok();
+        let has_head = safetensors::SafeTensors::deserialize(&st)
+            .expect("st")
+            .tensor("lm_head.weight")
+            .is_ok();
         assert_eq!(has_head, !tied);
 
         let tc = read_json(&out.join("tokenizer_config.json"));
@@ -824,13 +1167,28 @@ fn converts_a_tiny_llama_to_a_hugging_face_directory() {
         let gc = read_json(&out.join("generation_config.json"));
         assert_eq!(gc["eos_token_id"], 2);
 
-        let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).expect("tokenizer.json loads");
+        let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json"))
+            .expect("tokenizer.json loads");
         let id = |t: &str| tok.token_to_id(t).unwrap_or_else(|| panic!("no token {t}"));
-        let enc = tok.encode("<|im_start|>hi hi 123<think>", true).expect("encode");
+        let enc = tok
+            .encode("<|im_start|>hi hi 123<think>", true)
+            .expect("encode");
         // Digits split one by one (smollm), so the "12" merge never applies.
-        let want = vec![1, id("hi"), id("Ġhi"), id("Ġ"), id("1"), id("2"), id("3"), id("<think>")];
+        let want = vec![
+            1,
+            id("hi"),
+            id("Ġhi"),
+            id("Ġ"),
+            id("1"),
+            id("2"),
+            id("3"),
+            id("<think>"),
+        ];
         assert_eq!(enc.get_ids(), want.as_slice());
-        assert_eq!(tok.decode(enc.get_ids(), false).expect("decode"), "<|im_start|>hi hi 123<think>");
+        assert_eq!(
+            tok.decode(enc.get_ids(), false).expect("decode"),
+            "<|im_start|>hi hi 123<think>"
+        );
     }
 }
 
@@ -841,7 +1199,10 @@ fn bf16_output_and_wrong_permutations() {
     let gguf = tmp_file(&dir, "tiny.gguf", &m.builder.build().bytes);
     let out = dir.path().join("bf16");
     convert_gguf_to_hf(&gguf, &out, OutDtype::Bf16).expect("convert");
-    assert_eq!(read_json(&out.join("config.json"))["torch_dtype"], "bfloat16");
+    assert_eq!(
+        read_json(&out.join("config.json"))["torch_dtype"],
+        "bfloat16"
+    );
     let (_, q) = safetensors_f32(&out, "model.layers.0.self_attn.q_proj.weight");
     let want: Vec<f32> = m.q_hf.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
     assert_bits_eq("bf16 q_proj", &q, &want);
@@ -864,16 +1225,32 @@ fn sentencepiece_vocabularies_get_merges_from_scores() {
         types.push(6);
         scores.push(0.0);
     }
-    for (t, s) in [("▁", -1.0), ("h", -2.0), ("i", -3.0), ("▁h", -4.0), ("hi", -5.0), ("▁hi", -6.0)] {
+    for (t, s) in [
+        ("▁", -1.0),
+        ("h", -2.0),
+        ("i", -3.0),
+        ("▁h", -4.0),
+        ("hi", -5.0),
+        ("▁hi", -6.0),
+    ] {
         tokens.push(t.into());
         types.push(1);
         scores.push(s);
     }
     let mut b = Builder::new();
     b.kv("tokenizer.ggml.model", V::Str("llama".into()))
-        .kv("tokenizer.ggml.tokens", V::strs(&tokens.iter().map(String::as_str).collect::<Vec<_>>()))
-        .kv("tokenizer.ggml.token_type", V::Arr(5, types.iter().map(|&t| V::I32(t)).collect()))
-        .kv("tokenizer.ggml.scores", V::Arr(6, scores.iter().map(|&s| V::F32(s)).collect()))
+        .kv(
+            "tokenizer.ggml.tokens",
+            V::strs(&tokens.iter().map(String::as_str).collect::<Vec<_>>()),
+        )
+        .kv(
+            "tokenizer.ggml.token_type",
+            V::Arr(5, types.iter().map(|&t| V::I32(t)).collect()),
+        )
+        .kv(
+            "tokenizer.ggml.scores",
+            V::Arr(6, scores.iter().map(|&s| V::F32(s)).collect()),
+        )
         .kv("tokenizer.ggml.bos_token_id", V::U32(1))
         .kv("tokenizer.ggml.eos_token_id", V::U32(2))
         .kv("tokenizer.ggml.unknown_token_id", V::U32(0));
@@ -883,9 +1260,15 @@ fn sentencepiece_vocabularies_get_merges_from_scores() {
     // generate_merges order: by the merged token's score, best first.
     let merges = files.tokenizer_json["model"]["merges"].clone();
     // Equal scores: the longer left piece first (HF sorts by (score, len(left), len(right)), descending).
-    assert_eq!(merges, serde_json::json!([["▁", "h"], ["h", "i"], ["▁h", "i"], ["▁", "hi"]]));
+    assert_eq!(
+        merges,
+        serde_json::json!([["▁", "h"], ["h", "i"], ["▁h", "i"], ["▁", "hi"]])
+    );
     assert_eq!(files.tokenizer_config["add_bos_token"], true); // llama.cpp's default for SentencePiece
-    let tok: tokenizers::Tokenizer = serde_json::to_string(&files.tokenizer_json).expect("json").parse().expect("load");
+    let tok: tokenizers::Tokenizer = serde_json::to_string(&files.tokenizer_json)
+        .expect("json")
+        .parse()
+        .expect("load");
     let id = |t: &str| tok.token_to_id(t).unwrap_or_else(|| panic!("no token {t}"));
     let enc = tok.encode("hi hi\n", true).expect("encode");
     assert_eq!(enc.get_ids(), &[1, id("▁hi"), id("▁hi"), id("<0x0A>")]);
@@ -895,34 +1278,71 @@ fn sentencepiece_vocabularies_get_merges_from_scores() {
 #[test]
 fn conversion_errors_name_the_key_or_tensor() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Builder)>, &str)> = vec![
-        ("no_layers", Box::new(|b| {
-            b.remove("llama.block_count");
-        }), "llama.block_count"),
-        ("no_eps", Box::new(|b| {
-            b.remove("llama.attention.layer_norm_rms_epsilon");
-        }), "llama.attention.layer_norm_rms_epsilon"),
-        ("bad_type", Box::new(|b| {
-            b.kv("llama.block_count", V::Str("one".into()));
-        }), "llama.block_count"),
-        ("arch", Box::new(|b| {
-            b.kv("general.architecture", V::Str("gpt-neox".into()));
-        }), "gpt-neox"),
-        ("tok_model", Box::new(|b| {
-            b.kv("tokenizer.ggml.model", V::Str("bert".into()));
-        }), "tokenizer.ggml.model"),
-        ("tok_pre", Box::new(|b| {
-            b.kv("tokenizer.ggml.pre", V::Str("made-up".into()));
-        }), "made-up"),
-        ("missing_tensor", Box::new(|b| {
-            b.tensors.retain(|t| t.name != "blk.0.ffn_up.weight");
-        }), "blk.0.ffn_up.weight"),
-        ("extra_tensor", Box::new(|b| {
-            b.tensor("blk.0.attn_q.bias", &[64], 0, vec![0u8; 256]);
-        }), "blk.0.attn_q.bias"),
-        ("heads", Box::new(|b| {
-            b.kv("llama.attention.head_count", V::U32(2));
-        }), "blk.0.attn_k.weight"),
+    type Edit = Box<dyn Fn(&mut Builder)>;
+    let cases: Vec<(&str, Edit, &str)> = vec![
+        (
+            "no_layers",
+            Box::new(|b| {
+                b.remove("llama.block_count");
+            }),
+            "llama.block_count",
+        ),
+        (
+            "no_eps",
+            Box::new(|b| {
+                b.remove("llama.attention.layer_norm_rms_epsilon");
+            }),
+            "llama.attention.layer_norm_rms_epsilon",
+        ),
+        (
+            "bad_type",
+            Box::new(|b| {
+                b.kv("llama.block_count", V::Str("one".into()));
+            }),
+            "llama.block_count",
+        ),
+        (
+            "arch",
+            Box::new(|b| {
+                b.kv("general.architecture", V::Str("gpt-neox".into()));
+            }),
+            "gpt-neox",
+        ),
+        (
+            "tok_model",
+            Box::new(|b| {
+                b.kv("tokenizer.ggml.model", V::Str("bert".into()));
+            }),
+            "tokenizer.ggml.model",
+        ),
+        (
+            "tok_pre",
+            Box::new(|b| {
+                b.kv("tokenizer.ggml.pre", V::Str("made-up".into()));
+            }),
+            "made-up",
+        ),
+        (
+            "missing_tensor",
+            Box::new(|b| {
+                b.tensors.retain(|t| t.name != "blk.0.ffn_up.weight");
+            }),
+            "blk.0.ffn_up.weight",
+        ),
+        (
+            "extra_tensor",
+            Box::new(|b| {
+                b.tensor("blk.0.attn_q.bias", &[64], 0, vec![0u8; 256]);
+            }),
+            "blk.0.attn_q.bias",
+        ),
+        (
+            "heads",
+            Box::new(|b| {
+                b.kv("llama.attention.head_count", V::U32(2));
+            }),
+            "blk.0.attn_k.weight",
+        ),
     ];
     for (name, edit, needle) in cases {
         let mut m = tiny_llama(true);
@@ -933,8 +1353,15 @@ fn conversion_errors_name_the_key_or_tensor() {
             Err(e) => format!("{e:#}"),
             Ok(_) => panic!("{name}: converted"),
         };
-        assert!(e.contains(needle) && e.contains(&format!("{name}.gguf")), "{name}: {e}");
-        assert!(!out.exists(), "{name}: a failed conversion left {}", out.display());
+        assert!(
+            e.contains(needle) && e.contains(&format!("{name}.gguf")),
+            "{name}: {e}"
+        );
+        assert!(
+            !out.exists(),
+            "{name}: a failed conversion left {}",
+            out.display()
+        );
     }
 }
 
@@ -944,11 +1371,16 @@ fn conversion_errors_name_the_key_or_tensor() {
 fn smollm2_path() -> Option<PathBuf> {
     let p = std::env::var_os("SPPO_SMOLLM2_GGUF")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/main/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        .unwrap_or_else(|| {
+            PathBuf::from("/work/main/.cache/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     if p.exists() {
         Some(p)
     } else {
-        eprintln!("skipping: {} not found (set SPPO_SMOLLM2_GGUF)", p.display());
+        eprintln!(
+            "skipping: {} not found (set SPPO_SMOLLM2_GGUF)",
+            p.display()
+        );
         None
     }
 }
@@ -961,10 +1393,24 @@ fn smollm2_metadata_and_tokenizer_match_the_fixture() {
     assert_eq!(g.get_u64("llama.block_count").ok(), Some(30));
     assert_eq!(g.get_u64("llama.attention.head_count").ok(), Some(9));
     assert_eq!(g.get_u64("llama.attention.head_count_kv").ok(), Some(3));
-    assert_eq!(g.get_str_array("tokenizer.ggml.tokens").map(|t| t.len()).ok(), Some(49152));
-    assert_eq!(g.tensor("token_embd.weight").expect("embd").shape(), vec![49152, 576]);
-    assert_eq!(g.tensor("token_embd.weight").expect("embd").dtype, GgmlType::Q8_0);
-    assert_eq!(g.tensor("blk.0.attn_q.weight").expect("q").dtype, GgmlType::Q4_1);
+    assert_eq!(
+        g.get_str_array("tokenizer.ggml.tokens")
+            .map(|t| t.len())
+            .ok(),
+        Some(49152)
+    );
+    assert_eq!(
+        g.tensor("token_embd.weight").expect("embd").shape(),
+        vec![49152, 576]
+    );
+    assert_eq!(
+        g.tensor("token_embd.weight").expect("embd").dtype,
+        GgmlType::Q8_0
+    );
+    assert_eq!(
+        g.tensor("blk.0.attn_q.weight").expect("q").dtype,
+        GgmlType::Q4_1
+    );
     assert!(!g.has_tensor("output.weight"));
 
     let dir = tempfile::tempdir().expect("tempdir");
@@ -972,18 +1418,27 @@ fn smollm2_metadata_and_tokenizer_match_the_fixture() {
     let report = convert_gguf_to_hf(&path, &out, OutDtype::F32).expect("convert SmolLM2");
     assert_eq!(report.tensors.len(), 1 + 30 * 9 + 1);
     let c = read_json(&out.join("config.json"));
-    assert_eq!((c["num_hidden_layers"].as_u64(), c["head_dim"].as_u64()), (Some(30), Some(64)));
+    assert_eq!(
+        (c["num_hidden_layers"].as_u64(), c["head_dim"].as_u64()),
+        (Some(30), Some(64))
+    );
     assert_eq!(c["tie_word_embeddings"], true);
 
     // q_proj of layer 0 is exactly the unpermuted dequantised GGUF tensor.
     let (shape, q) = safetensors_f32(&out, "model.layers.0.self_attn.q_proj.weight");
     assert_eq!(shape, vec![576, 576]);
     let raw = g.dequantize("blk.0.attn_q.weight").expect("dq");
-    assert_bits_eq("smollm2 q_proj", &q, &unpermute_qk(&raw, 576, 576, 9).expect("unpermute"));
+    assert_bits_eq(
+        "smollm2 q_proj",
+        &q,
+        &unpermute_qk(&raw, 576, 576, 9).expect("unpermute"),
+    );
 
-    let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).expect("tokenizer.json loads");
+    let tok =
+        tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).expect("tokenizer.json loads");
     assert_eq!(tok.get_vocab_size(true), 49152);
-    let fixture_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/smollm2_tokens.json");
+    let fixture_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf/smollm2_tokens.json");
     let fixture = read_json(&fixture_path);
     assert_eq!(fixture["format_version"], 1);
     let cases = fixture["cases"].as_array().expect("cases");
@@ -993,7 +1448,11 @@ fn smollm2_metadata_and_tokenizer_match_the_fixture() {
         let want: Vec<u32> = serde_json::from_value(case["ids"].clone()).expect("ids");
         let enc = tok.encode(text, true).expect("encode");
         assert_eq!(enc.get_ids(), want.as_slice(), "{text:?}");
-        assert_eq!(tok.decode(enc.get_ids(), false).expect("decode"), text, "round trip of {text:?}");
+        assert_eq!(
+            tok.decode(enc.get_ids(), false).expect("decode"),
+            text,
+            "round trip of {text:?}"
+        );
     }
 }
 
@@ -1003,7 +1462,9 @@ fn smollm2_metadata_and_tokenizer_match_the_fixture() {
 #[test]
 #[ignore = "writes files for scripts/check_gguf_convert.py"]
 fn write_converted_smollm2_for_python_check() {
-    let root = std::env::var_os("SPPO_GGUF_CHECK_DIR").map(PathBuf::from).unwrap_or_else(|| "/tmp/sppo_gguf_check".into());
+    let root = std::env::var_os("SPPO_GGUF_CHECK_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp/sppo_gguf_check".into());
     std::fs::create_dir_all(&root).expect("create check dir");
     let (b, _) = dtype_file(None, 3);
     let gguf = root.join("dtypes.gguf");
@@ -1012,17 +1473,75 @@ fn write_converted_smollm2_for_python_check() {
     let values: Vec<(String, Vec<usize>, Vec<u8>)> = g
         .tensors()
         .iter()
-        .map(|t| (t.name.clone(), t.shape(), f32_bytes(&g.dequantize(&t.name).expect("dq"))))
+        .map(|t| {
+            (
+                t.name.clone(),
+                t.shape(),
+                f32_bytes(&g.dequantize(&t.name).expect("dq")),
+            )
+        })
         .collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = values
         .iter()
-        .map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).expect("view")))
+        .map(|(n, s, d)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d)
+                    .expect("view"),
+            )
+        })
         .collect();
-    safetensors::serialize_to_file(views, None, &root.join("dtypes_ours.safetensors")).expect("write safetensors");
+    safetensors::serialize_to_file(views, None, &root.join("dtypes_ours.safetensors"))
+        .expect("write safetensors");
+
+    // A SentencePiece vocabulary (Mistral/Llama-2 style) for the tokenizer comparison.
+    let sp = tiny_llama_with(true, true);
+    let sp_gguf = root.join("sentencepiece.gguf");
+    std::fs::write(&sp_gguf, sp.builder.build().bytes).expect("write sentencepiece.gguf");
+    convert_gguf_to_hf(&sp_gguf, &root.join("sentencepiece_hf"), OutDtype::F32)
+        .expect("convert sentencepiece");
 
     let Some(path) = smollm2_path() else { return };
-    let report = convert_gguf_to_hf(&path, &root.join("smollm2_hf"), OutDtype::F32).expect("convert");
-    eprintln!("wrote {} tensors to {}", report.tensors.len(), report.out_dir.display());
+    let report =
+        convert_gguf_to_hf(&path, &root.join("smollm2_hf"), OutDtype::F32).expect("convert");
+    eprintln!(
+        "wrote {} tensors to {}",
+        report.tensors.len(),
+        report.out_dir.display()
+    );
     eprintln!("ignored metadata: {:?}", report.ignored_metadata);
-    eprintln!("ignored tensors: {:?}; notes: {:?}", report.ignored_tensors, report.notes);
+    eprintln!(
+        "ignored tensors: {:?}; notes: {:?}",
+        report.ignored_tensors, report.notes
+    );
+}
+
+#[test]
+fn llama_bpe_pre_tokenizer_and_rope_scaling() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut m = tiny_llama(false);
+    m.builder
+        .kv("tokenizer.ggml.pre", V::Str("llama-bpe".into()))
+        .kv("tokenizer.ggml.add_bos_token", V::Bool(true))
+        .kv("llama.rope.scaling.type", V::Str("linear".into()))
+        .kv("llama.rope.scaling.factor", V::F32(2.0))
+        .kv("llama.attention.key_length", V::U32(HEAD_DIM as u32));
+    let gguf = tmp_file(&dir, "llama3ish.gguf", &m.builder.build().bytes);
+    let out = dir.path().join("hf");
+    convert_gguf_to_hf(&gguf, &out, OutDtype::F32).expect("convert");
+    let c = read_json(&out.join("config.json"));
+    assert_eq!(
+        c["rope_scaling"],
+        serde_json::json!({"type": "linear", "rope_type": "linear", "factor": 2.0})
+    );
+    assert_eq!(c["head_dim"], HEAD_DIM);
+    let tok =
+        tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).expect("tokenizer.json loads");
+    let id = |t: &str| tok.token_to_id(t).unwrap_or_else(|| panic!("no token {t}"));
+    // Llama 3 splits digit runs into groups of up to three, then merges within them; BOS is added.
+    let enc = tok.encode("12345 hi", true).expect("encode");
+    assert_eq!(
+        enc.get_ids(),
+        &[1, id("12"), id("3"), id("4"), id("5"), id("Ġhi")]
+    );
 }

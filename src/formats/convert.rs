@@ -13,7 +13,7 @@
 //!   supported name is spelled out here and an unknown one is an error rather than a silently
 //!   different tokenizer.
 
-use crate::formats::gguf::{GgmlType, GgufFile};
+use crate::formats::gguf::{GgmlType, GgufError, GgufFile, MetadataValue};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use serde_json::{json, Map, Value};
 use std::cell::RefCell;
@@ -183,7 +183,7 @@ fn permute_rows(
     to_llama_cpp: bool,
 ) -> Result<Vec<f32>> {
     ensure!(
-        n_heads > 0 && rows % (2 * n_heads) == 0,
+        n_heads > 0 && rows.is_multiple_of(2 * n_heads),
         "Q/K permutation: {rows} rows do not split into {n_heads} heads of an even size"
     );
     ensure!(
@@ -244,13 +244,23 @@ impl Meta<'_> {
         self.mark(key);
         Ok(self.g.opt_u64(key)?)
     }
-    fn f64(&self, key: &str) -> Result<f64> {
-        self.mark(key);
-        Ok(self.g.get_f64(key)?)
-    }
+    /// A float for config.json. An f32 is written as its shortest decimal (1e-5, not the widened
+    /// 9.999999747378752e-6), which is what the HF config it came from said.
     fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
         self.mark(key);
-        Ok(self.g.opt_f64(key)?)
+        Ok(match self.g.get(key) {
+            Some(MetadataValue::F32(v)) => Some(v.to_string().parse::<f64>().unwrap_or(*v as f64)),
+            _ => self.g.opt_f64(key)?,
+        })
+    }
+    fn f64(&self, key: &str) -> Result<f64> {
+        self.opt_f64(key)?.ok_or_else(|| {
+            GgufError::MissingKey {
+                file: self.g.path().to_path_buf(),
+                key: key.into(),
+            }
+            .into()
+        })
     }
     fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         self.mark(key);
@@ -871,7 +881,11 @@ fn build_tokenizer(m: &Meta, model_max_length: usize) -> Result<TokenizerFiles> 
                 })
                 .collect::<Result<Vec<_>>>()?;
             let pre = m.opt_str("tokenizer.ggml.pre")?.unwrap_or("default");
-            let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+            // llama.cpp's byte-level vocabularies normally say false here; honour true if a file says so.
+            let prefix = m
+                .opt_bool("tokenizer.ggml.add_space_prefix")?
+                .unwrap_or(false);
+            let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": prefix, "trim_offsets": true, "use_regex": use_regex});
             // The pre-tokenizers behind llama.cpp's names (llama-vocab.cpp), as HF tokenizer.json spells them.
             let (pre_tokenizer, ignore_merges) = match pre {
                 "default" | "gpt2" | "gpt-2" => (byte_level(true), false),
@@ -1000,7 +1014,7 @@ fn build_tokenizer(m: &Meta, model_max_length: usize) -> Result<TokenizerFiles> 
         vocab_len(&tokenizer_json)
     );
 
-    fn name<'a>(t: Option<(&'a str, usize)>) -> Option<&'a str> {
+    fn name(t: Option<(&str, usize)>) -> Option<&str> {
         t.map(|(s, _)| s)
     }
     m.mark("tokenizer.chat_template");

@@ -704,7 +704,7 @@ impl GgufFile {
                 .checked_add(rel)
                 .ok_or_else(|| invalid(format!("data offset {rel} overflows")))?;
             if let Some(n) = n_bytes {
-                let end = offset.checked_add(n).unwrap_or(u64::MAX);
+                let end = offset.saturating_add(n);
                 if end > file_len {
                     return Err(GgufError::TensorOutOfBounds {
                         file: path.clone(),
@@ -976,7 +976,7 @@ fn blocks(
     size: usize,
     dtype: GgmlType,
 ) -> std::result::Result<std::slice::ChunksExact<'_, u8>, String> {
-    if bytes.len() % size != 0 {
+    if !bytes.len().is_multiple_of(size) {
         return Err(format!(
             "{} bytes is not a whole number of {size}-byte {dtype} blocks",
             bytes.len()
