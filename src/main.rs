@@ -8,7 +8,7 @@ use sppo::config::GenerationConfig;
 use sppo::generate::{generate, GenOptions, GenRequest};
 use sppo::logprobs::{output_line, parse_example, score, TextCodec};
 use sppo::model::Llama;
-use sppo::prompts::{load_prompts, PromptRecord};
+use sppo::prompts::{load_prompts_limit, PromptRecord};
 use sppo::sampling::SamplingParams;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -153,7 +153,7 @@ fn load_codec(dir: &Path, vocab: usize) -> Result<Option<TextCodec>> {
     let Some(template) = ChatTemplate::from_model_dir(dir)? else {
         bail!("{}: no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)", dir.display());
     };
-    let eos_text = template.eos_token().with_context(|| format!("{}: the chat template has no eos_token", dir.display()))?;
+    let eos_text = template.special_tokens().eos_token.clone().with_context(|| format!("{}: the chat template has no eos_token", dir.display()))?;
     let end_of_turn = tokenizer
         .token_to_id(&eos_text)
         .with_context(|| format!("{}: eos token {eos_text:?} is not in the vocabulary", tok_path.display()))?;
@@ -177,11 +177,7 @@ fn cmd_generate(a: GenerateArgs, threads: Option<usize>) -> Result<()> {
     let records: Vec<PromptRecord> = match (&a.prompt, &a.prompts) {
         (Some(p), None) => vec![PromptRecord { id: "0".into(), messages: vec![Message { role: "user".into(), content: p.clone() }], reference: None }],
         (None, Some(path)) => {
-            let mut r = load_prompts(path)?;
-            if let Some(n) = a.limit {
-                r.truncate(n);
-            }
-            r
+            load_prompts_limit(path, a.limit)?
         }
         _ => bail!("give --prompt TEXT or --prompts FILE"),
     };

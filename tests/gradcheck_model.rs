@@ -35,7 +35,7 @@ fn random_params(cfg: &ModelConfig, rng: &mut Rng) -> Vec<f32> {
     for e in &layout.entries {
         let is_norm = e.shape.len() == 1;
         for x in &mut flat[e.range()] {
-            *x = if is_norm { 1.0 + 0.2 * rng.normal() } else { 0.3 * rng.normal() };
+            *x = if is_norm { 1.0 + 0.2 * rng.normal() } else { 0.15 * rng.normal() };
         }
     }
     flat
@@ -72,7 +72,7 @@ fn check(name: &str, json: &str, lens: &[(usize, usize)]) {
 
     // Directional derivative along a random direction, per parameter tensor and over all of them.
     let layout = ParamLayout::llama(&cfg);
-    let h = 1e-2f32;
+    let h = 5e-4f32;
     let mut dir = vec![0f32; flat.len()];
     for x in dir.iter_mut() {
         *x = rng.normal();
