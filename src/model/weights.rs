@@ -192,7 +192,10 @@ pub fn load_flat_f32(dir: &Path, layout: &ParamLayout, tied: bool) -> Result<Vec
         let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("{}: cannot map", file.display()))?;
         let st = SafeTensors::deserialize(&map)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", file.display()))?;
-        for (name, view) in st.tensors() {
+        // Sorted so the first error reported does not depend on hash order.
+        let mut tensors = st.tensors();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, view) in tensors {
             let Some(entry) = layout.get(&name) else {
                 // Tied checkpoints sometimes also store the head; old ones store rotary buffers.
                 if (tied && name == "lm_head.weight") || name.ends_with("rotary_emb.inv_freq") {
