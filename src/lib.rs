@@ -14,6 +14,7 @@ pub mod generate;
 pub mod io;
 pub mod logprobs;
 pub mod model;
+pub mod oracle;
 pub mod prompts;
 pub mod rng;
 pub mod sampling;

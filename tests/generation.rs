@@ -1,0 +1,96 @@
+//! Sampled generation is a function of (seed, iteration, prompt id, sample index) only: the same
+//! tokens whatever the batch size, the order requests arrive in, or the thread count. Also the
+//! stop conditions (EOS, max_new_tokens, context end).
+
+mod common;
+
+use sppo::backend::cpu::CpuBackend;
+use sppo::generate::{generate, FinishReason, GenOptions, GenOutput, GenRequest};
+use sppo::model::Llama;
+use sppo::sampling::SamplingParams;
+
+fn model(b: &CpuBackend, case: &str) -> Llama<CpuBackend> {
+    Llama::load(b, &common::repo_root().join(format!("tests/fixtures/hf/{case}/model"))).unwrap()
+}
+
+fn requests() -> Vec<GenRequest> {
+    let mut v = vec![];
+    for p in 0..5u32 {
+        let prompt: Vec<u32> = (0..(3 + 2 * p)).map(|i| (7 * i + 11 * p + 1) % 90 + 1).collect();
+        for s in 0..3 {
+            v.push(GenRequest { prompt_id: format!("prompt-{p}"), sample_index: s, prompt_ids: prompt.clone() });
+        }
+    }
+    v
+}
+
+fn opts(batch_size: usize, sampling: SamplingParams) -> GenOptions {
+    GenOptions { sampling, max_new_tokens: 12, eos_ids: vec![], seed: 1234, iteration: 1, batch_size, max_prefill_tokens: 16 }
+}
+
+fn run(threads: usize, case: &str, reqs: &[GenRequest], o: &GenOptions) -> Vec<GenOutput> {
+    let b = CpuBackend::new(Some(threads)).unwrap();
+    let mut m = model(&b, case);
+    generate(&b, &mut m, reqs, o, |_| {}).unwrap()
+}
+
+#[test]
+fn sampling_is_independent_of_batching_order_and_threads() {
+    let params = [
+        SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 0, min_p: 0.0 },
+        SamplingParams { temperature: 0.7, top_p: 1.0, top_k: 20, min_p: 0.05 },
+    ];
+    for case in ["llama_gqa", "mistral_sliding_f16"] {
+        for p in params {
+            let reqs = requests();
+            let base = run(1, case, &reqs, &opts(1, p));
+            // Samples of one prompt differ from each other (the sample index is in the key).
+            assert!(base[0].tokens != base[1].tokens || base[1].tokens != base[2].tokens, "{case}: samples identical");
+            for (threads, bs) in [(2, 4), (2, 16), (1, 7)] {
+                assert_eq!(run(threads, case, &reqs, &opts(bs, p)), base, "{case}: batch {bs}, {threads} threads changed the tokens");
+            }
+            // Reversed request order: each request still gets its own tokens.
+            let mut rev = reqs.clone();
+            rev.reverse();
+            let mut out = run(2, case, &rev, &opts(4, p));
+            out.reverse();
+            assert_eq!(out, base, "{case}: request order changed the tokens");
+            // A different seed changes them.
+            let mut o = opts(4, p);
+            o.seed += 1;
+            assert_ne!(run(2, case, &reqs, &o), base, "{case}: the seed has no effect");
+        }
+    }
+}
+
+#[test]
+fn stops_on_eos_and_length() {
+    let b = CpuBackend::new(Some(2)).unwrap();
+    let mut m = model(&b, "llama_gqa");
+    let reqs = requests();
+    let greedy = SamplingParams::greedy();
+    let free = generate(&b, &mut m, &reqs[..1], &opts(1, greedy), |_| {}).unwrap();
+    assert_eq!(free[0].finish, FinishReason::Length);
+    assert_eq!(free[0].tokens.len(), 12);
+    // Make the 4th greedy token an EOS: generation stops before it, without it.
+    let mut o = opts(1, greedy);
+    o.eos_ids = vec![free[0].tokens[3]];
+    let first = free[0].tokens.iter().position(|&t| t == free[0].tokens[3]).unwrap();
+    let stopped = generate(&b, &mut m, &reqs[..1], &o, |_| {}).unwrap();
+    assert_eq!(stopped[0].finish, FinishReason::Stop);
+    assert_eq!(stopped[0].tokens, free[0].tokens[..first]);
+}
+
+#[test]
+fn prompt_filling_the_context_is_an_error() {
+    let b = CpuBackend::new(Some(1)).unwrap();
+    let mut m = model(&b, "llama_gqa");
+    let ctx = m.cfg.max_position_embeddings;
+    let req = GenRequest { prompt_id: "long".into(), sample_index: 0, prompt_ids: vec![5; ctx] };
+    let err = generate(&b, &mut m, &[req], &opts(1, SamplingParams::greedy()), |_| {}).unwrap_err();
+    assert!(format!("{err:#}").contains("no room for a response"), "{err:#}");
+    // One short of the context: room for exactly one token.
+    let req = GenRequest { prompt_id: "long".into(), sample_index: 0, prompt_ids: vec![5; ctx - 1] };
+    let out = generate(&b, &mut m, &[req], &opts(1, SamplingParams::greedy()), |_| {}).unwrap();
+    assert_eq!((out[0].tokens.len(), out[0].finish), (1, FinishReason::Length));
+}
