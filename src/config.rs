@@ -225,6 +225,12 @@ impl ModelConfig {
         })
     }
 
+    /// The same configuration with another stored dtype (what a saved checkpoint declares).
+    pub fn with_dtype(mut self, dtype: &str) -> Self {
+        self.stored_dtype = dtype.to_string();
+        self
+    }
+
     /// The rotary inverse frequencies (head_dim/2), computed in f32 like transformers so that
     /// positions far into the context rotate identically.
     pub fn rope_inv_freq(&self) -> Vec<f32> {
@@ -254,6 +260,38 @@ impl ModelConfig {
                     .collect()
             }
         }
+    }
+
+    /// A classic-layout `config.json` for this configuration (used when saving a model that came
+    /// without one).
+    pub fn to_hf_json(&self) -> Value {
+        let rope_scaling = match self.rope_scaling {
+            RopeScaling::Default => Value::Null,
+            RopeScaling::Linear { factor } => serde_json::json!({"rope_type": "linear", "factor": factor}),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings,
+            }),
+        };
+        let (arch, model_type) = match self.arch {
+            Arch::Llama => ("LlamaForCausalLM", "llama"),
+            Arch::Mistral => ("MistralForCausalLM", "mistral"),
+        };
+        let eos = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => (*one).into(),
+            many => many.into(),
+        };
+        serde_json::json!({
+            "architectures": [arch], "model_type": model_type, "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim, "hidden_act": "silu",
+            "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta, "rope_scaling": rope_scaling,
+            "max_position_embeddings": self.max_position_embeddings, "tie_word_embeddings": self.tie_word_embeddings,
+            "sliding_window": self.sliding_window, "bos_token_id": self.bos_token_id, "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id, "torch_dtype": self.stored_dtype, "attention_bias": false, "mlp_bias": false,
+        })
     }
 
     pub fn q_dim(&self) -> usize {

@@ -560,6 +560,44 @@ impl<B: Backend> Llama<B> {
         )
     }
 
+    /// Writes a Hugging Face checkpoint atomically (built in a temporary sibling directory, then
+    /// renamed): `model.safetensors` in `dtype`, the `config.json` of `source_dir` with its dtype
+    /// updated (or one generated from the resolved config), and the tokenizer, chat-template and
+    /// generation files copied from `source_dir`.
+    pub fn save_pretrained(&self, b: &B, out: &Path, source_dir: Option<&Path>, dtype: super::weights::SaveDtype) -> Result<()> {
+        let flat = b.download(&self.params)?;
+        crate::io::write_dir_atomic(out, |dir| {
+            super::weights::save_flat(dir, &self.layout, &flat, dtype)?;
+            let mut config = match source_dir.map(|d| d.join("config.json")).filter(|p| p.exists()) {
+                Some(p) => serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&p)?)
+                    .with_context(|| format!("{}: malformed JSON", p.display()))?,
+                None => self.cfg.to_hf_json(),
+            };
+            if let Some(obj) = config.as_object_mut() {
+                // Whichever key the source used (classic `torch_dtype`, transformers-5 `dtype`).
+                let key = if obj.contains_key("dtype") { "dtype" } else { "torch_dtype" };
+                obj.insert(key.into(), dtype.torch_name().into());
+            }
+            crate::io::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+            if let Some(src) = source_dir {
+                for f in [
+                    "generation_config.json",
+                    "tokenizer.json",
+                    "tokenizer_config.json",
+                    "special_tokens_map.json",
+                    "chat_template.jinja",
+                    "tokenizer.model",
+                ] {
+                    let p = src.join(f);
+                    if p.exists() {
+                        std::fs::copy(&p, dir.join(f)).with_context(|| format!("copying {}", p.display()))?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Downloads the flat parameters (f32).
     pub fn params_host(&self, b: &B) -> Result<Vec<f32>> {
         b.download(&self.params)
