@@ -17,4 +17,5 @@ pub mod model;
 pub mod oracle;
 pub mod prompts;
 pub mod rng;
+pub mod run;
 pub mod sampling;
