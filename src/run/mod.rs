@@ -2,3 +2,4 @@
 //! N iterations, with a run directory, a manifest of completed work and resume.
 
 pub mod config;
+pub mod manifest;
