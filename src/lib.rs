@@ -4,7 +4,8 @@
 //! written once against the backend), `config` (Hugging Face configs), `formats` (safetensors,
 //! GGUF, conversion), `chat` (chat templates rendered as transformers does), `prompts` (prompt
 //! files: JSONL, Parquet, ShareGPT), `rng` + `sampling` (counter-based randomness, token sampler),
-//! `generate` (batched generation with a KV cache), `logprobs` (response scoring), `io` (atomic writes).
+//! `generate` (batched generation with a KV cache), `logprobs` (response scoring), `io` (atomic writes),
+//! `train` (losses, optimizers, clipping, lr schedules).
 
 pub mod backend;
 pub mod chat;
@@ -19,3 +20,4 @@ pub mod prompts;
 pub mod rng;
 pub mod run;
 pub mod sampling;
+pub mod train;

@@ -221,4 +221,59 @@ pub trait Backend: Sized {
         dim: usize,
         vocab: usize,
     ) -> Result<()>;
+
+    // ==== optimizer over flat buffers (begin; train/optim.rs drives these) ====
+    // params, grads and each optimizer state are one flat buffer of the same length (the layout
+    // table maps tensors to ranges): one kernel per step for the whole model. Scalars come in as
+    // f64 because PyTorch computes them in double on the host (bias corrections, 1 − lr·wd) and
+    // rounds each once to the tensor dtype inside its kernel; backends do the same.
+
+    /// Σ g² over `grads`, accumulated in f64 (or pairwise): a sequential f32 sum over a
+    /// 28M-element embedding gradient was measured 6% off. A NaN/Inf element makes the result
+    /// non-finite; the caller checks.
+    fn grad_norm_sq(&self, grads: Self::View<'_>) -> Result<f64>;
+    /// `buf *= factor`, factor rounded once to the buffer dtype (gradient clipping).
+    fn scale(&self, buf: Self::ViewMut<'_>, factor: f64) -> Result<()>;
+    /// One `torch.optim.AdamW` step (single-tensor path, amsgrad off), in place on params, m
+    /// (`exp_avg`) and v (`exp_avg_sq`); `step` is 1-based (the step being taken):
+    /// p ← p·(1 − lr·wd); m ← lerp(m, g, 1 − β1); v ← v·β2 + (1 − β2)·g·g;
+    /// p ← p − (lr/bc1)·m / (sqrt(v)/sqrt(bc2) + eps), bc_i = 1 − β_i^step.
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step(
+        &self,
+        params: Self::ViewMut<'_>,
+        grads: Self::View<'_>,
+        m: Self::ViewMut<'_>,
+        v: Self::ViewMut<'_>,
+        step: u64,
+        lr: f64,
+        hp: &AdamWConfig,
+    ) -> Result<()>;
+    /// One `torch.optim.RMSprop` step (single-tensor path, momentum 0, centered off), in place on
+    /// params and `square_avg`: g' = g + wd·p; sq ← sq·α + (1 − α)·g'·g'; p ← p − lr·g' / (sqrt(sq) + eps).
+    fn rmsprop_step(&self, params: Self::ViewMut<'_>, grads: Self::View<'_>, square_avg: Self::ViewMut<'_>, lr: f64, hp: &RmspropConfig) -> Result<()>;
+    // ==== optimizer over flat buffers (end) ====
+}
+
+// ==== optimizer hyperparameters (used by the optimizer block of `Backend`) ====
+
+/// `torch.optim.AdamW` settings other than the lr (which the schedule changes every step).
+/// torch's defaults: β = (0.9, 0.999), eps 1e-8, weight_decay 1e-2.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled: p ← p·(1 − lr·wd) before the Adam update.
+    pub weight_decay: f64,
+}
+
+/// `torch.optim.RMSprop` settings other than the lr; momentum 0 and centered off (the SPPO
+/// reference's, and torch's defaults). torch's defaults: α 0.99, eps 1e-8, weight_decay 0.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RmspropConfig {
+    pub alpha: f64,
+    pub eps: f64,
+    /// L2 (coupled): added to the gradient, g' = g + wd·p, before the square average.
+    pub weight_decay: f64,
 }

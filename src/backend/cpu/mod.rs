@@ -14,13 +14,14 @@
 //!
 //! One file per concern: `matmul.rs` (also the checked `gemm` wrapper the LM head uses),
 //! `embedding.rs`, `rmsnorm.rs`, `rope.rs`, `attention.rs`, `swiglu.rs`, `logprobs.rs`,
-//! `elementwise.rs`.
+//! `elementwise.rs`, `optim.rs` (gradient norm, scaling, AdamW, RMSprop).
 
 mod attention;
 mod elementwise;
 mod embedding;
 mod logprobs;
 mod matmul;
+mod optim;
 mod rmsnorm;
 mod rope;
 mod swiglu;
@@ -29,7 +30,7 @@ use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Result};
 
-use super::{AttnSeq, AttnShape, Backend};
+use super::{AdamWConfig, AttnSeq, AttnShape, Backend, RmspropConfig};
 
 /// Elements a row-wise task should cover: big enough that rayon's per-task cost is negligible,
 /// small enough that a few thousand rows still spread over all cores.
@@ -323,4 +324,22 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         self.run(|| logprobs::backward(self, dhidden, dweight, dlogp, hidden, weight, lse, targets, dim, vocab))
     }
+
+    // ==== optimizer over flat buffers (begin) ====
+    fn grad_norm_sq(&self, grads: &[f32]) -> Result<f64> {
+        Ok(self.run(|| optim::grad_norm_sq(grads)))
+    }
+
+    fn scale(&self, buf: &mut [f32], factor: f64) -> Result<()> {
+        self.run(|| optim::scale(buf, factor))
+    }
+
+    fn adamw_step(&self, params: &mut [f32], grads: &[f32], m: &mut [f32], v: &mut [f32], step: u64, lr: f64, hp: &AdamWConfig) -> Result<()> {
+        self.run(|| optim::adamw_step(params, grads, m, v, step, lr, hp))
+    }
+
+    fn rmsprop_step(&self, params: &mut [f32], grads: &[f32], square_avg: &mut [f32], lr: f64, hp: &RmspropConfig) -> Result<()> {
+        self.run(|| optim::rmsprop_step(params, grads, square_avg, lr, hp))
+    }
+    // ==== optimizer over flat buffers (end) ====
 }
