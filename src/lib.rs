@@ -4,7 +4,8 @@
 //! written once against the backend), `config` (Hugging Face configs), `formats` (safetensors,
 //! GGUF, conversion), `chat` (chat templates rendered as transformers does), `prompts` (prompt
 //! files: JSONL, Parquet, ShareGPT), `rng` + `sampling` (counter-based randomness, token sampler),
-//! `generate` (batched generation with a KV cache), `logprobs` (response scoring), `io` (atomic writes).
+//! `generate` (batched generation with a KV cache), `logprobs` (response scoring), `io` (atomic writes),
+//! `oracle` (preference oracles, win-rates), `rank` (the rank stage: oracle over generations).
 
 pub mod backend;
 pub mod chat;
@@ -16,5 +17,6 @@ pub mod logprobs;
 pub mod model;
 pub mod oracle;
 pub mod prompts;
+pub mod rank;
 pub mod rng;
 pub mod sampling;
