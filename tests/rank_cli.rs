@@ -271,3 +271,29 @@ fn input_errors_name_the_file_and_line() {
     let l = jsonl(&out);
     assert_eq!((l[0]["chosen"].as_str(), l[0]["rejected"].as_str()), (Some("Ice"), Some("Tea")));
 }
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/oracles").join(name)
+}
+
+#[test]
+fn reads_the_reference_pipelines_parquet() {
+    // Written by pandas (scripts/make_rank_fixtures.py) in the reference's prepare_score layout:
+    // chosen/rejected as [{content, role}] lists, no prompt column.
+    let rows = read_ranked(&fixture("ref_train.parquet")).unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!((rows[0].prompt.as_str(), rows[0].chosen.as_str(), rows[0].rejected.as_str()), ("What is 2+2?", "I believe 4.", "The answer is 4."));
+    assert_eq!((rows[1].chosen_probs, rows[1].chosen_probs_win, rows[1].chosen_probs_lose), (0.7, 0.6, 0.4));
+    assert_eq!(rows[1].fields["chosen"], json!("Teal."));
+
+    // The reference's generated set (prompt + generate_i message lists) as rank input.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ranked.jsonl");
+    ok(&sppo(&["rank", "--oracle", "game:rps", "--in", s(&fixture("ref_generated.parquet")), "--out", s(&out)]));
+    let lines = jsonl(&out);
+    // 'T' 84 → rock, 'I' 73 → paper, 'S' 83 → scissors: a full cycle ties → chosen 0, rejected 2.
+    assert_eq!(lines[0]["matrix"], json!([[0.5, 0.0, 1.0], [1.0, 0.5, 0.0], [0.0, 1.0, 0.5]]));
+    assert_eq!((lines[0]["chosen_index"].as_u64(), lines[0]["rejected_index"].as_u64()), (Some(0), Some(2)));
+    assert_eq!(lines[1]["rm_scores"], json!([0.3, 0.2, 0.1]));
+    assert_eq!(lines[1]["prompt"], json!("Name a colour."));
+}
