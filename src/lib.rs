@@ -5,7 +5,8 @@
 //! GGUF, conversion), `chat` (chat templates rendered as transformers does), `prompts` (prompt
 //! files: JSONL, Parquet, ShareGPT), `rng` + `sampling` (counter-based randomness, token sampler),
 //! `generate` (batched generation with a KV cache), `logprobs` (response scoring), `io` (atomic writes),
-//! `train` (losses, optimizers, clipping, lr schedules).
+//! `train` (losses, optimizers, clipping, lr schedules, the trainer),
+//! `oracle` (preference oracles, win-rates), `rank` (the rank stage: oracle over generations).
 
 pub mod backend;
 pub mod chat;
@@ -17,6 +18,7 @@ pub mod logprobs;
 pub mod model;
 pub mod oracle;
 pub mod prompts;
+pub mod rank;
 pub mod rng;
 pub mod run;
 pub mod sampling;

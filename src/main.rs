@@ -31,6 +31,8 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Score (prompt, response) pairs: summed response log-probs.
     Logprobs(LogprobsArgs),
+    /// Rank generated responses with a preference oracle: chosen/rejected and the SPPO targets.
+    Rank(RankArgs),
     /// Show the devices sppo can use.
     Info,
 }
@@ -110,6 +112,26 @@ struct LogprobsArgs {
     batch_tokens: usize,
 }
 
+#[derive(Args)]
+struct RankArgs {
+    /// Oracle spec: similarity:DIR[,tau=T], reward:DIR, judge:DIR[,template=FILE],
+    /// command:"CMD ARGS"[,timeout=SECONDS], game:NAME[,key=value...].
+    #[arg(long)]
+    oracle: String,
+    /// Generations: JSONL or Parquet with `prompt` and `responses` (generate's output).
+    #[arg(long = "in")]
+    input: PathBuf,
+    /// Ranked output, JSONL or `.parquet`; an existing partial output is resumed.
+    #[arg(long)]
+    out: PathBuf,
+    /// Win-rate estimator: `scores` (the reference's) or `pairwise` (direct mean of P_ij).
+    #[arg(long, default_value = "scores")]
+    winrate: sppo::oracle::winrate::WinRate,
+    /// Prompts per oracle call (and per fsync of the output).
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -131,6 +153,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Generate(a) => cmd_generate(a, cli.threads),
         Cmd::Logprobs(a) => cmd_logprobs(a, cli.threads),
+        Cmd::Rank(a) => cmd_rank(a),
         Cmd::Info => {
             println!("cpu: {} threads", rayon::current_num_threads());
             println!("cuda: {}", sppo::backend::cuda::probe());
@@ -274,6 +297,26 @@ fn cmd_logprobs(a: LogprobsArgs, threads: Option<usize>) -> Result<()> {
     match &a.out {
         Some(path) => sppo::io::write_atomic(path, text.as_bytes())?,
         None => std::io::stdout().lock().write_all(text.as_bytes())?,
+    }
+    Ok(())
+}
+
+fn cmd_rank(a: RankArgs) -> Result<()> {
+    let mut oracle = sppo::oracle::build_oracle(&a.oracle)?;
+    let opts = sppo::rank::RankOptions { winrate: a.winrate, batch_size: a.batch_size, progress: true };
+    let s = sppo::rank::rank_file(oracle.as_mut(), &a.input, &a.out, &opts)?;
+    if s.ranked == 0 {
+        eprintln!("{}: already complete ({} prompts)", a.out.display(), s.prompts);
+    } else {
+        eprintln!(
+            "ranked {} prompts ({} resumed) with {} in {:.1} s ({:.1} pairs/s); wrote {}",
+            s.ranked,
+            s.resumed,
+            oracle.name(),
+            s.seconds,
+            s.pairs as f64 / s.seconds.max(1e-9),
+            a.out.display()
+        );
     }
     Ok(())
 }

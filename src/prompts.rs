@@ -696,7 +696,7 @@ fn read_parquet(path: &Path, sink: &mut Sink) -> Result<()> {
 }
 
 /// A Parquet record field as JSON (strings, numbers, lists, structs and maps; other types as text).
-fn field_to_json(field: &parquet::record::Field) -> Json {
+pub(crate) fn field_to_json(field: &parquet::record::Field) -> Json {
     use parquet::record::Field;
     match field {
         Field::Null => Json::Null,

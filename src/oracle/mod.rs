@@ -2,8 +2,19 @@
 //! P[i][j] = P(y_i ≻ y_j | x), P[i][j] + P[j][i] = 1 and P[i][i] = ½ (SPPO.md).
 //!
 //! Oracles are chosen by a spec string (`similarity:DIR`, `reward:DIR`, `judge:DIR`,
-//! `command:"CMD"`, `game:NAME`) and called with a batch of prompts at a time; the win-rate
-//! estimators (`winrate`) work on the matrices only.
+//! `command:"CMD"`, `game:NAME`; [`spec`]) and called with a batch of prompts at a time; the win-rate
+//! estimators ([`winrate`]) work on the matrices only.
+//!
+//! Modules: `spec` (spec strings → oracles), `command` (an external program speaking JSONL),
+//! `game` (synthetic preference games with a known payoff matrix and exact exploitability),
+//! `winrate` (chosen/rejected and the SPPO targets from a matrix).
+
+pub mod command;
+pub mod game;
+pub mod spec;
+pub mod winrate;
+
+pub use spec::{build_oracle, OracleSpec};
 
 use anyhow::{bail, Result};
 
@@ -84,6 +95,23 @@ impl PrefMatrix {
     pub fn rows(&self) -> Vec<Vec<f64>> {
         self.p.chunks(self.k.max(1)).map(<[f64]>::to_vec).collect()
     }
+    /// The entries, row-major (K·K values).
+    pub fn as_slice(&self) -> &[f64] {
+        &self.p
+    }
+
+    /// [`PrefMatrix::new`] from a list of rows; a ragged list is an error naming the short row.
+    pub fn from_rows(rows: &[Vec<f64>]) -> Result<Self> {
+        let k = rows.len();
+        let mut p = Vec::with_capacity(k * k);
+        for (i, r) in rows.iter().enumerate() {
+            if r.len() != k {
+                bail!("preference matrix row {i} has {} entries, expected {k} (a {k}×{k} matrix)", r.len());
+            }
+            p.extend_from_slice(r);
+        }
+        Self::new(k, p)
+    }
 }
 
 /// What an oracle returns for one prompt: a matrix, and per-response scores when the oracle is
@@ -92,6 +120,19 @@ impl PrefMatrix {
 pub struct Judgement {
     pub matrix: PrefMatrix,
     pub scores: Option<Vec<f64>>,
+}
+
+impl Judgement {
+    /// A matrix-only judgement (pairwise oracles, games).
+    pub fn from_matrix(matrix: PrefMatrix) -> Self {
+        Judgement { matrix, scores: None }
+    }
+
+    /// A score-based judgement: P[i][j] = σ((s_i − s_j) / temperature), scores kept.
+    pub fn from_scores(scores: Vec<f64>, temperature: f64) -> Result<Self> {
+        let matrix = PrefMatrix::from_scores(&scores, temperature)?;
+        Ok(Judgement { matrix, scores: Some(scores) })
+    }
 }
 
 pub trait Oracle {
