@@ -5,6 +5,8 @@
 //! `command:"CMD"`, `game:NAME`) and called with a batch of prompts at a time; the win-rate
 //! estimators (`winrate`) work on the matrices only.
 
+pub mod similarity;
+
 use anyhow::{bail, Result};
 
 /// One prompt and its responses, as an oracle sees them.
