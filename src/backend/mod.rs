@@ -222,6 +222,61 @@ pub trait Backend: Sized {
         vocab: usize,
     ) -> Result<()>;
 
+    // ==== encoder ops (BERT, for the similarity oracle): LayerNorm, exact GELU, Linear bias ====
+    // One contiguous block so parallel additions to this trait merge cleanly.
+
+    /// Two mutable views of disjoint ranges of one buffer (LayerNorm's weight and bias gradients
+    /// live side by side in the flat gradient buffer). Panics when the ranges overlap or fall
+    /// outside the buffer, as [`view_mut`](Self::view_mut) does: ranges come from a layout.
+    fn view_mut_pair<'a>(
+        &self,
+        buf: &'a mut Self::Buf,
+        a: std::ops::Range<usize>,
+        b: std::ops::Range<usize>,
+    ) -> (Self::ViewMut<'a>, Self::ViewMut<'a>);
+
+    // ---- LayerNorm (BERT, post-norm): out = (inp − mean) · rstd · weight + bias ----
+    /// out: (N, C); mean, rstd: (N) saved for backward (rstd = 1/sqrt(biased var + eps));
+    /// inp: (N, C); weight, bias: (C).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        mean: Self::ViewMut<'_>,
+        rstd: Self::ViewMut<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        bias: Self::View<'_>,
+        dim: usize,
+        eps: f32,
+    ) -> Result<()>;
+    /// `dinp += ∂L/∂inp`, `dweight += ∂L/∂weight`, `dbias += ∂L/∂bias` given dout: (N, C).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        dinp: Self::ViewMut<'_>,
+        dweight: Self::ViewMut<'_>,
+        dbias: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        mean: Self::View<'_>,
+        rstd: Self::View<'_>,
+        dim: usize,
+    ) -> Result<()>;
+
+    // ---- GELU, exact erf form (`hidden_act: "gelu"`): out = x · ½(1 + erf(x/√2)) ----
+    /// out, inp: (N·I) elementwise.
+    fn gelu_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>) -> Result<()>;
+    /// dinp OVERWRITTEN with dout · gelu'(inp).
+    fn gelu_backward(&self, dinp: Self::ViewMut<'_>, dout: Self::View<'_>, inp: Self::View<'_>) -> Result<()>;
+
+    // ---- Linear bias (kept out of matmul so the GEMM stays a plain product) ----
+    /// `out (N, C) += bias (C)` on every row.
+    fn bias_add(&self, out: Self::ViewMut<'_>, bias: Self::View<'_>) -> Result<()>;
+    /// `dbias (C) += Σ_rows dout (N, C)`.
+    fn bias_backward(&self, dbias: Self::ViewMut<'_>, dout: Self::View<'_>) -> Result<()>;
+    // ==== end of encoder ops ====
     // ==== optimizer over flat buffers (begin; train/optim.rs drives these) ====
     // params, grads and each optimizer state are one flat buffer of the same length (the layout
     // table maps tensors to ranges): one kernel per step for the whole model. Scalars come in as

@@ -95,12 +95,46 @@ impl ParamLayout {
         Self::new(s)
     }
 
+    /// The BERT encoder (`BertModel` without its pooler): embeddings and their LayerNorm, then per
+    /// layer self-attention, attention output (+ LayerNorm), intermediate and output (+ LayerNorm),
+    /// every Linear with its bias. Names are Hugging Face's without the optional `bert.` prefix.
+    pub fn bert(cfg: &crate::model::bert::BertConfig) -> Self {
+        let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let mut s: Vec<(String, Vec<usize>)> = vec![
+            ("embeddings.word_embeddings.weight".into(), vec![cfg.vocab_size, c]),
+            ("embeddings.position_embeddings.weight".into(), vec![cfg.max_position_embeddings, c]),
+            ("embeddings.token_type_embeddings.weight".into(), vec![cfg.type_vocab_size, c]),
+            ("embeddings.LayerNorm.weight".into(), vec![c]),
+            ("embeddings.LayerNorm.bias".into(), vec![c]),
+        ];
+        for l in 0..cfg.num_layers {
+            let p = format!("encoder.layer.{l}");
+            for (name, out, inp) in [
+                ("attention.self.query", c, c),
+                ("attention.self.key", c, c),
+                ("attention.self.value", c, c),
+                ("attention.output.dense", c, c),
+                ("attention.output.LayerNorm", c, 0),
+                ("intermediate.dense", i, c),
+                ("output.dense", c, i),
+                ("output.LayerNorm", c, 0),
+            ] {
+                // inp == 0 marks a LayerNorm: (C) weight; a Linear has an (out, in) weight.
+                let w = if inp == 0 { vec![out] } else { vec![out, inp] };
+                s.push((format!("{p}.{name}.weight"), w));
+                s.push((format!("{p}.{name}.bias"), vec![out]));
+            }
+        }
+        Self::new(s)
+    }
+
     pub fn get(&self, name: &str) -> Option<&ParamEntry> {
         self.index.get(name).map(|&i| &self.entries[i])
     }
 
-    fn range(&self, name: &str) -> std::ops::Range<usize> {
-        // Only called with names `llama()` created.
+    /// The range of a tensor this layout's own constructor created (`llama()`, `bert()`).
+    pub(crate) fn range(&self, name: &str) -> std::ops::Range<usize> {
+        // Only called with names the constructors created: a miss is a bug here, not bad input.
         self.get(name).map(ParamEntry::range).unwrap_or_else(|| panic!("layout has no tensor {name}"))
     }
 
@@ -183,35 +217,49 @@ fn tensor_to_f32(view: &TensorView<'_>, dst: &mut [f32], name: &str, file: &Path
 /// Missing tensors, wrong shapes, unknown extra tensors and unsupported dtypes are errors naming
 /// the file and tensor.
 pub fn load_flat_f32(dir: &Path, layout: &ParamLayout, tied: bool) -> Result<Vec<f32>> {
+    load_flat_f32_mapped(dir, layout, &|name: &str| {
+        // Tied checkpoints sometimes also store the head; old ones store rotary buffers.
+        if (tied && name == "lm_head.weight") || name.ends_with("rotary_emb.inv_freq") {
+            None
+        } else {
+            Some(name.to_string())
+        }
+    })
+}
+
+/// [`load_flat_f32`] with a naming rule: `map(stored name)` gives the layout name to load the
+/// tensor into, or `None` to skip it (buffers and heads a model does not use). A mapped name that
+/// is not in the layout, or two stored tensors mapping to the same name, is an error.
+pub fn load_flat_f32_mapped(dir: &Path, layout: &ParamLayout, map: &dyn Fn(&str) -> Option<String>) -> Result<Vec<f32>> {
     let mut flat = vec![0f32; layout.total];
-    let mut seen = vec![false; layout.entries.len()];
+    let mut seen: Vec<Option<String>> = vec![None; layout.entries.len()];
     for file in safetensors_files(dir)? {
         let f = std::fs::File::open(&file).with_context(|| format!("{}: cannot open", file.display()))?;
         // SAFETY: the map is read-only and lives only within this loop iteration; a file changed
         // underneath us could give garbage values but not unsoundness in safe code reading bytes.
-        let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("{}: cannot map", file.display()))?;
-        let st = SafeTensors::deserialize(&map)
+        let mmap = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("{}: cannot map", file.display()))?;
+        let st = SafeTensors::deserialize(&mmap)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", file.display()))?;
         // Sorted so the first error reported does not depend on hash order.
         let mut tensors = st.tensors();
         tensors.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, view) in tensors {
+        for (stored, view) in tensors {
+            let Some(name) = map(&stored) else { continue };
             let Some(entry) = layout.get(&name) else {
-                // Tied checkpoints sometimes also store the head; old ones store rotary buffers.
-                if (tied && name == "lm_head.weight") || name.ends_with("rotary_emb.inv_freq") {
-                    continue;
-                }
-                bail!("{}: unexpected tensor {name} (not part of this model's configuration)", file.display());
+                bail!("{}: unexpected tensor {stored} (not part of this model's configuration)", file.display());
             };
             if view.shape() != entry.shape.as_slice() {
-                bail!("{}: tensor {name} has shape {:?}, the config implies {:?}", file.display(), view.shape(), entry.shape);
+                bail!("{}: tensor {stored} has shape {:?}, the config implies {:?}", file.display(), view.shape(), entry.shape);
             }
             let idx = layout.index[&name];
-            tensor_to_f32(&view, &mut flat[entry.range()], &name, &file)?;
-            seen[idx] = true;
+            if let Some(first) = &seen[idx] {
+                bail!("{}: tensor {stored} and {first} both hold {name}", file.display());
+            }
+            tensor_to_f32(&view, &mut flat[entry.range()], &stored, &file)?;
+            seen[idx] = Some(stored.clone());
         }
     }
-    if let Some(missing) = layout.entries.iter().zip(&seen).find(|(_, s)| !**s) {
+    if let Some(missing) = layout.entries.iter().zip(&seen).find(|(_, s)| s.is_none()) {
         bail!("{}: tensor {} is missing from the checkpoint", dir.display(), missing.0.name);
     }
     if let Some(bad) = layout.entries.iter().find(|e| flat[e.range()].iter().any(|x| !x.is_finite())) {

@@ -16,6 +16,8 @@ pub mod winrate;
 
 pub use spec::{build_oracle, OracleSpec};
 
+pub mod similarity;
+
 use anyhow::{bail, Result};
 
 /// One prompt and its responses, as an oracle sees them.

@@ -14,11 +14,15 @@
 //!
 //! One file per concern: `matmul.rs` (also the checked `gemm` wrapper the LM head uses),
 //! `embedding.rs`, `rmsnorm.rs`, `rope.rs`, `attention.rs`, `swiglu.rs`, `logprobs.rs`,
-//! `elementwise.rs`, `optim.rs` (gradient norm, scaling, AdamW, RMSprop).
+//! `elementwise.rs`, `optim.rs` (gradient norm, scaling, AdamW, RMSprop); for the BERT encoder
+//! `layernorm.rs`, `gelu.rs`, `bias.rs`.
 
 mod attention;
+mod bias;
 mod elementwise;
 mod embedding;
+mod gelu;
+mod layernorm;
 mod logprobs;
 mod matmul;
 mod optim;
@@ -342,4 +346,61 @@ impl Backend for CpuBackend {
         self.run(|| optim::rmsprop_step(params, grads, square_avg, lr, hp))
     }
     // ==== optimizer over flat buffers (end) ====
+    // ==== encoder ops (BERT): LayerNorm, exact GELU, Linear bias ====
+    fn view_mut_pair<'a>(&self, buf: &'a mut Vec<f32>, a: std::ops::Range<usize>, b: std::ops::Range<usize>) -> (&'a mut [f32], &'a mut [f32]) {
+        assert!(a.end <= b.start || b.end <= a.start, "view_mut_pair: ranges {a:?} and {b:?} overlap");
+        if a.start < b.start {
+            let (lo, hi) = buf.split_at_mut(b.start);
+            (&mut lo[a], &mut hi[..b.end - b.start])
+        } else {
+            let (lo, hi) = buf.split_at_mut(a.start);
+            (&mut hi[..a.end - a.start], &mut lo[b])
+        }
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        dim: usize,
+        eps: f32,
+    ) -> Result<()> {
+        self.run(|| layernorm::forward(out, mean, rstd, inp, weight, bias, dim, eps))
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        dim: usize,
+    ) -> Result<()> {
+        self.run(|| layernorm::backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, dim))
+    }
+
+    fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) -> Result<()> {
+        self.run(|| gelu::forward(out, inp))
+    }
+
+    fn gelu_backward(&self, dinp: &mut [f32], dout: &[f32], inp: &[f32]) -> Result<()> {
+        self.run(|| gelu::backward(dinp, dout, inp))
+    }
+
+    fn bias_add(&self, out: &mut [f32], bias: &[f32]) -> Result<()> {
+        self.run(|| bias::add(out, bias))
+    }
+
+    fn bias_backward(&self, dbias: &mut [f32], dout: &[f32]) -> Result<()> {
+        self.run(|| bias::backward(dbias, dout))
+    }
+    // ==== end of encoder ops ====
 }
