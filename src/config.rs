@@ -48,6 +48,9 @@ pub struct ModelConfig {
     pub pad_token_id: Option<u32>,
     /// The dtype the checkpoint was stored in (`torch_dtype` / `dtype`), kept when saving.
     pub stored_dtype: String,
+    /// `Some(n)` for `LlamaForSequenceClassification` / `MistralForSequenceClassification`: the
+    /// checkpoint has a score head `score.weight` (n, C) and no LM head. `None` for causal LMs.
+    pub num_labels: Option<usize>,
 }
 
 /// `config.json` as written by transformers 4 (classic) or 5; unknown keys are kept in `raw`.
@@ -78,6 +81,8 @@ struct HfConfig {
     pad_token_id: Option<Value>,
     torch_dtype: Option<String>,
     dtype: Option<String>,
+    num_labels: Option<usize>,
+    id2label: Option<Value>,
 }
 
 /// Reads an id or list of ids (`eos_token_id` may be either).
@@ -114,6 +119,27 @@ fn parse_rope(rope: &Value, what: &str) -> Result<RopeScaling> {
     })
 }
 
+/// The number of classifier labels as transformers resolves it (`PretrainedConfig.__init__`):
+/// the size of `id2label` when present (it must agree with `num_labels` if both are given), else
+/// `num_labels`, else transformers' default of 2.
+fn num_labels(hf: &HfConfig) -> Result<usize> {
+    let from_map = match &hf.id2label {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(m)) => Some(m.len()),
+        Some(other) => bail!("`id2label` must be an object mapping label ids to names, got {other}"),
+    };
+    let n = match (from_map, hf.num_labels) {
+        (Some(m), Some(n)) if m != n => bail!("`num_labels` {n} disagrees with the {m} entries of `id2label`"),
+        (Some(m), _) => m,
+        (None, Some(n)) => n,
+        (None, None) => 2,
+    };
+    if n == 0 {
+        bail!("a sequence classifier needs at least one label (`num_labels` / `id2label`)");
+    }
+    Ok(n)
+}
+
 impl ModelConfig {
     /// Reads `<dir>/config.json` (and `generation_config.json` for the EOS ids, when present).
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
@@ -137,13 +163,15 @@ impl ModelConfig {
         let arch_name = hf.architectures.as_ref().and_then(|a| a.first().cloned()).unwrap_or_default();
         let model_type = hf.model_type.clone().unwrap_or_default();
         let arch = match (arch_name.as_str(), model_type.as_str()) {
-            ("LlamaForCausalLM", _) | ("", "llama") => Arch::Llama,
-            ("MistralForCausalLM", _) | ("", "mistral") => Arch::Mistral,
+            ("LlamaForCausalLM" | "LlamaForSequenceClassification", _) | ("", "llama") => Arch::Llama,
+            ("MistralForCausalLM" | "MistralForSequenceClassification", _) | ("", "mistral") => Arch::Mistral,
             _ => bail!(
-                "unsupported architecture `{}` (model_type `{model_type}`): supported are LlamaForCausalLM and MistralForCausalLM",
+                "unsupported architecture `{}` (model_type `{model_type}`): supported are LlamaForCausalLM, MistralForCausalLM \
+                 and their *ForSequenceClassification variants",
                 if arch_name.is_empty() { "?" } else { &arch_name }
             ),
         };
+        let num_labels = if arch_name.ends_with("ForSequenceClassification") { Some(num_labels(&hf)?) } else { None };
         let need = |v: Option<usize>, key: &str| v.filter(|&n| n > 0).with_context(|| format!("missing or zero `{key}`"));
         let hidden_size = need(hf.hidden_size, "hidden_size")?;
         let num_heads = need(hf.num_attention_heads, "num_attention_heads")?;
@@ -222,6 +250,7 @@ impl ModelConfig {
             eos_token_ids: token_ids(&hf.eos_token_id, "eos_token_id")?,
             pad_token_id: token_ids(&hf.pad_token_id, "pad_token_id")?.first().copied(),
             stored_dtype: hf.dtype.or(hf.torch_dtype).unwrap_or_else(|| "float32".into()),
+            num_labels,
         })
     }
 
@@ -368,6 +397,21 @@ mod tests {
         assert_eq!(c.sliding_window, Some(5));
         assert_eq!(c.stored_dtype, "float16");
         assert_eq!(c.head_dim, 8);
+    }
+
+    #[test]
+    fn sequence_classifiers() {
+        let base = r#""vocab_size":100,"hidden_size":32,"intermediate_size":64,"num_hidden_layers":1,"num_attention_heads":4"#;
+        let parse = |extra: &str| ModelConfig::from_json_str(&format!("{{{base},{extra}}}"));
+        let c = parse(r#""architectures":["LlamaForSequenceClassification"],"id2label":{"0":"LABEL_0"},"pad_token_id":7"#).unwrap();
+        assert_eq!((c.arch, c.num_labels, c.pad_token_id), (Arch::Llama, Some(1), Some(7)));
+        let c = parse(r#""architectures":["MistralForSequenceClassification"],"num_labels":3"#).unwrap();
+        assert_eq!((c.arch, c.num_labels), (Arch::Mistral, Some(3)));
+        // transformers' default when a classifier config names no labels.
+        assert_eq!(parse(r#""architectures":["LlamaForSequenceClassification"]"#).unwrap().num_labels, Some(2));
+        assert_eq!(parse(r#""architectures":["LlamaForCausalLM"],"num_labels":1"#).unwrap().num_labels, None);
+        let err = format!("{:#}", parse(r#""architectures":["LlamaForSequenceClassification"],"num_labels":2,"id2label":{"0":"a"}"#).unwrap_err());
+        assert!(err.contains("disagrees"), "{err}");
     }
 
     #[test]

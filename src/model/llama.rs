@@ -6,7 +6,9 @@
 //!   att = attention(q, k, v)             mid = x + att·Woᵀ
 //!   ln2 = rmsnorm(mid)                   gate, up = ln2·Wgᵀ, ln2·Wuᵀ; act = silu(gate)·up
 //!   x'  = mid + act·Wdᵀ
-//! then lnf = rmsnorm(x_L) and the LM head, fused with log-prob gathering for training.
+//! then lnf = rmsnorm(x_L) and the LM head, fused with log-prob gathering for training; or, for a
+//! sequence classifier (`*ForSequenceClassification`), the score head on chosen rows
+//! ([`Llama::score_rows`]).
 //!
 //! Batches are packed: sequences end to end, no padding. Activations are kept per layer; with
 //! `recompute` only each layer's input is kept and the rest is recomputed during backward.
@@ -233,6 +235,16 @@ impl<B: Backend> Llama<B> {
         }
     }
 
+    /// The LM head's range in the flat parameters; an error for a sequence classifier.
+    pub fn lm_head(&self) -> Result<std::ops::Range<usize>> {
+        self.ranges.lm_head.clone().with_context(|| {
+            format!(
+                "this model is a sequence classifier (`score.weight`, {} labels) and has no LM head",
+                self.cfg.num_labels.unwrap_or(0)
+            )
+        })
+    }
+
     fn check_batch(&self, batch: &Batch) -> Result<()> {
         let n = batch.len();
         ensure!(n > 0, "empty batch");
@@ -287,12 +299,13 @@ impl<B: Backend> Llama<B> {
 
     /// Training/scoring forward: hidden states, then each row's target log-prob in `acts.logp`.
     pub fn forward(&self, b: &B, batch: &Batch, acts: &mut Activations<B>) -> Result<()> {
+        let lm_head = self.lm_head()?;
         self.forward_hidden(b, batch, acts)?;
         b.token_logprobs_forward(
             b.full_mut(&mut acts.logp),
             b.full_mut(&mut acts.lse),
             b.full(&acts.lnf),
-            b.view(&self.params, self.ranges.lm_head.clone()),
+            b.view(&self.params, lm_head),
             &batch.targets,
             self.cfg.hidden_size,
             self.cfg.vocab_size,
@@ -313,14 +326,45 @@ impl<B: Backend> Llama<B> {
 
     /// Full logits (N, V) from the hidden states in `acts.lnf` (tests, small batches).
     pub fn logits(&self, b: &B, acts: &Activations<B>) -> Result<Vec<f32>> {
+        let lm_head = self.lm_head()?;
         let mut out = b.alloc(acts.n * self.cfg.vocab_size)?;
-        b.matmul_forward(
-            b.full_mut(&mut out),
-            b.full(&acts.lnf),
-            b.view(&self.params, self.ranges.lm_head.clone()),
-            self.cfg.hidden_size,
-            self.cfg.vocab_size,
-        )?;
+        b.matmul_forward(b.full_mut(&mut out), b.full(&acts.lnf), b.view(&self.params, lm_head), self.cfg.hidden_size, self.cfg.vocab_size)?;
+        b.download(&out)
+    }
+
+    /// Logits (M, T) of the rows `rows` of `acts.lnf` for the vocabulary entries `vocab_ids` only:
+    /// a judge reading two answer letters needs 2 of V columns, on one row per sequence.
+    pub fn lm_head_logits_at(&self, b: &B, acts: &Activations<B>, rows: &[u32], vocab_ids: &[u32]) -> Result<Vec<f32>> {
+        let lm_head = self.lm_head()?;
+        let c = self.cfg.hidden_size;
+        if let Some(&v) = vocab_ids.iter().find(|&&v| v as usize >= self.cfg.vocab_size) {
+            bail!("token id {v} is outside the model's vocabulary of {}", self.cfg.vocab_size);
+        }
+        let mut w = b.alloc(vocab_ids.len() * c)?; // (T, C)
+        b.gather_rows(b.full_mut(&mut w), b.view(&self.params, lm_head), vocab_ids, c)?;
+        self.project_rows(b, acts, rows, b.full(&w), vocab_ids.len())
+    }
+
+    /// Sequence-classifier logits (M, num_labels) of the rows `rows` of `acts.lnf`, as
+    /// transformers' `GenericForSequenceClassification` applies `score` before pooling. Which row
+    /// a sequence is pooled at is the caller's choice (see `oracle::reward::pooled_position`).
+    pub fn score_rows(&self, b: &B, acts: &Activations<B>, rows: &[u32]) -> Result<Vec<f32>> {
+        let (Some(score), Some(n)) = (self.ranges.score.clone(), self.cfg.num_labels) else {
+            bail!("this model is a causal LM without a score head (`score.weight`); sequence scores need a *ForSequenceClassification checkpoint");
+        };
+        self.project_rows(b, acts, rows, b.view(&self.params, score), n)
+    }
+
+    /// `lnf[rows] · weightᵀ`: (M, C) × (out_dim, C)ᵀ → (M, out_dim), downloaded.
+    fn project_rows(&self, b: &B, acts: &Activations<B>, rows: &[u32], weight: B::View<'_>, out_dim: usize) -> Result<Vec<f32>> {
+        let c = self.cfg.hidden_size;
+        if let Some(&r) = rows.iter().find(|&&r| r as usize >= acts.n) {
+            bail!("row {r} is outside the activations of {} rows", acts.n);
+        }
+        let mut picked = b.alloc(rows.len() * c)?; // (M, C)
+        b.gather_rows(b.full_mut(&mut picked), b.full(&acts.lnf), rows, c)?;
+        let mut out = b.alloc(rows.len() * out_dim)?; // (M, out_dim)
+        b.matmul_forward(b.full_mut(&mut out), b.full(&picked), weight, c, out_dim)?;
         b.download(&out)
     }
 
@@ -390,6 +434,7 @@ impl<B: Backend> Llama<B> {
         seqs: &[AttnSeq],
         logit_rows: &[u32],
     ) -> Result<Vec<f32>> {
+        let lm_head = self.lm_head()?;
         let n = tokens.len();
         let batch = Batch {
             tokens: tokens.to_vec(),
@@ -418,7 +463,7 @@ impl<B: Backend> Llama<B> {
         let (mut normed, mut rstd) = (b.alloc(m * c)?, b.alloc(m)?);
         b.rmsnorm_forward(b.full_mut(&mut normed), b.full_mut(&mut rstd), b.full(&last), b.view(&self.params, self.ranges.norm.clone()), c, self.cfg.rms_norm_eps)?;
         let mut logits = b.alloc(m * self.cfg.vocab_size)?;
-        b.matmul_forward(b.full_mut(&mut logits), b.full(&normed), b.view(&self.params, self.ranges.lm_head.clone()), c, self.cfg.vocab_size)?;
+        b.matmul_forward(b.full_mut(&mut logits), b.full(&normed), b.view(&self.params, lm_head), c, self.cfg.vocab_size)?;
         b.download(&logits)
     }
 
@@ -439,6 +484,7 @@ impl<B: Backend> Llama<B> {
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
         let p = &self.params;
         let r = &self.ranges;
+        let lm_head = self.lm_head()?;
         let dlogp_host: Vec<f32> = (0..n)
             .map(|t| if batch.targets[t] == IGNORE_TARGET { 0.0 } else { dseq[batch.row_seq[t] as usize] })
             .collect();
@@ -458,10 +504,10 @@ impl<B: Backend> Llama<B> {
         // LM head + log-probs, then the final norm.
         b.token_logprobs_backward(
             b.full_mut(&mut g.dln),
-            b.view_mut(grads, r.lm_head.clone()),
+            b.view_mut(grads, lm_head.clone()),
             b.full(&dlogp),
             b.full(&acts.lnf),
-            b.view(p, r.lm_head.clone()),
+            b.view(p, lm_head),
             b.full(&acts.lse),
             &batch.targets,
             c,

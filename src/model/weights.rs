@@ -53,8 +53,11 @@ pub struct DecoderRanges {
     pub embed_tokens: std::ops::Range<usize>, // (V, C)
     pub layers: Vec<LayerRanges>,
     pub norm: std::ops::Range<usize>, // (C)
-    /// (V, C); equal to `embed_tokens` when the embeddings are tied.
-    pub lm_head: std::ops::Range<usize>,
+    /// (V, C); equal to `embed_tokens` when the embeddings are tied; `None` for a sequence
+    /// classifier, which has no LM head.
+    pub lm_head: Option<std::ops::Range<usize>>,
+    /// (num_labels, C) `score.weight` of a sequence classifier (`*ForSequenceClassification`).
+    pub score: Option<std::ops::Range<usize>>,
 }
 
 impl ParamLayout {
@@ -72,7 +75,9 @@ impl ParamLayout {
     }
 
     /// The Llama/Mistral decoder: embeddings, then per layer attention and MLP weights, the final
-    /// norm and, when untied, the LM head. Names are exactly Hugging Face's.
+    /// norm and, when untied, the LM head; a sequence classifier (`cfg.num_labels`) has the score
+    /// head `score.weight` (num_labels, C) instead of any LM head, as transformers'
+    /// `GenericForSequenceClassification`. Names are exactly Hugging Face's.
     pub fn llama(cfg: &ModelConfig) -> Self {
         let (c, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
         let mut s: Vec<(String, Vec<usize>)> = vec![("model.embed_tokens.weight".into(), vec![v, c])];
@@ -89,8 +94,10 @@ impl ParamLayout {
             s.push((format!("{p}.mlp.down_proj.weight"), vec![c, i]));
         }
         s.push(("model.norm.weight".into(), vec![c]));
-        if !cfg.tie_word_embeddings {
-            s.push(("lm_head.weight".into(), vec![v, c]));
+        match cfg.num_labels {
+            Some(n) => s.push(("score.weight".into(), vec![n, c])),
+            None if !cfg.tie_word_embeddings => s.push(("lm_head.weight".into(), vec![v, c])),
+            None => {}
         }
         Self::new(s)
     }
@@ -156,8 +163,12 @@ impl ParamLayout {
             })
             .collect();
         let embed_tokens = self.range("model.embed_tokens.weight");
-        let lm_head = if cfg.tie_word_embeddings { embed_tokens.clone() } else { self.range("lm_head.weight") };
-        DecoderRanges { embed_tokens, layers, norm: self.range("model.norm.weight"), lm_head }
+        let (lm_head, score) = match cfg.num_labels {
+            Some(_) => (None, Some(self.range("score.weight"))),
+            None if cfg.tie_word_embeddings => (Some(embed_tokens.clone()), None),
+            None => (Some(self.range("lm_head.weight")), None),
+        };
+        DecoderRanges { embed_tokens, layers, norm: self.range("model.norm.weight"), lm_head, score }
     }
 }
 

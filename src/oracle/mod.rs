@@ -20,6 +20,13 @@ pub mod similarity;
 
 use anyhow::{bail, Result};
 
+pub mod judge;
+pub mod packed;
+pub mod reward;
+
+pub use judge::JudgeOracle;
+pub use reward::RewardOracle;
+
 /// One prompt and its responses, as an oracle sees them.
 #[derive(Clone, Debug)]
 pub struct OracleInput<'a> {
