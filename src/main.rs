@@ -33,6 +33,8 @@ enum Cmd {
     Logprobs(LogprobsArgs),
     /// Rank generated responses with a preference oracle: chosen/rejected and the SPPO targets.
     Rank(RankArgs),
+    /// Train π_{t+1} from π_t on ranked data (our `rank` output or the reference pipeline's Parquet).
+    Train(TrainArgs),
     /// Show the devices sppo can use.
     Info,
 }
@@ -132,6 +134,25 @@ struct RankArgs {
     batch_size: usize,
 }
 
+#[derive(Args)]
+struct TrainArgs {
+    /// Policy to start from; also the frozen reference π_t.
+    #[arg(long)]
+    model: PathBuf,
+    /// Ranked data: JSONL (`sppo rank` output) or Parquet (prompt, chosen, rejected, chosen_probs*).
+    #[arg(long)]
+    data: PathBuf,
+    /// Output directory: the trained checkpoint (Hugging Face format) and metrics.jsonl.
+    #[arg(long)]
+    out: PathBuf,
+    /// The run keys that apply to training (loss_type, beta/eta, learning_rate, ...).
+    #[command(flatten)]
+    keys: sppo::run::config::RunKeys,
+    /// A TOML file with the same keys (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -154,6 +175,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => cmd_generate(a, cli.threads),
         Cmd::Logprobs(a) => cmd_logprobs(a, cli.threads),
         Cmd::Rank(a) => cmd_rank(a),
+        Cmd::Train(a) => cmd_train(a, cli.threads),
         Cmd::Info => {
             println!("cpu: {} threads", rayon::current_num_threads());
             println!("cuda: {}", sppo::backend::cuda::probe());
@@ -318,5 +340,68 @@ fn cmd_rank(a: RankArgs) -> Result<()> {
             a.out.display()
         );
     }
+    Ok(())
+}
+
+fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
+    use sppo::run::config::{RunConfig, RunKeys, TrainOn};
+    use sppo::train::data::{Selection, Tokenization};
+    use sppo::train::trainer::{response_logprobs, TrainSettings, Trainer};
+    let file_keys = match &a.config {
+        Some(p) => RunKeys::from_toml_file(p)?,
+        None => RunKeys::default(),
+    };
+    // `model`, `prompts`, `oracle`, `run_dir` are not used by `train`: fill them so the shared
+    // resolver validates the training keys.
+    let placeholder = RunKeys {
+        model: Some(a.model.clone()),
+        prompts: Some(a.data.clone()),
+        oracle: Some("-".into()),
+        run_dir: Some(a.out.clone()),
+        ..Default::default()
+    };
+    let cfg = RunConfig::resolve(&placeholder.overridden_by(&file_keys).overridden_by(&a.keys))?;
+    let b = CpuBackend::new(threads)?;
+    let mut model = Llama::load(&b, &a.model)?;
+    let codec = load_codec(&a.model, model.cfg.vocab_size)?.with_context(|| format!("{}: training on text needs tokenizer.json", a.model.display()))?;
+    let tok = Tokenization {
+        tokenizer: &codec.tokenizer,
+        template: &codec.template,
+        end_of_turn: codec.end_of_turn,
+        max_length: cfg.max_length,
+        max_prompt_length: cfg.max_prompt_length,
+    };
+    let selection = match cfg.train_on {
+        TrainOn::BestWorst => Selection::BestWorst,
+        TrainOn::All => Selection::All,
+    };
+    let records = sppo::train::data::read_records(&a.data)?;
+    let examples = records
+        .iter()
+        .map(|(where_, rec)| tok.example(rec, selection).with_context(|| where_.clone()))
+        .collect::<Result<Vec<_>>>()?;
+    eprintln!("{} training examples from {}", examples.len(), a.data.display());
+    let pb = progress_bar(examples.len() as u64, "reference log-probs");
+    let reference = response_logprobs(&b, &mut model, &examples, 4096, |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    let settings = TrainSettings::from_run_config(&cfg)?;
+    let mut trainer = Trainer::new(&b, &model, settings, examples.len())?;
+    let pb = progress_bar(trainer.total_steps as u64, "steps");
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let mut metrics = String::new();
+    trainer.run(&b, &mut model, &examples, &reference, |m, _, _| {
+        metrics.push_str(&serde_json::to_string(m)?);
+        metrics.push('\n');
+        sppo::io::write_atomic(&a.out.join("metrics.jsonl"), metrics.as_bytes())?;
+        pb.set_message(format!("loss {:.4e} grad {:.3e}", m.loss, m.grad_norm));
+        pb.inc(1);
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    let dtype = if cfg.save_dtype == "bf16" { sppo::model::weights::SaveDtype::Bf16 } else { sppo::model::weights::SaveDtype::F32 };
+    // The checkpoint replaces the directory atomically; the metrics are written back into it.
+    model.save_pretrained(&b, &a.out, Some(&a.model), dtype)?;
+    sppo::io::write_atomic(&a.out.join("metrics.jsonl"), metrics.as_bytes())?;
+    eprintln!("checkpoint and metrics.jsonl: {}", a.out.display());
     Ok(())
 }

@@ -262,7 +262,12 @@ impl OracleSpec {
 /// `Reward { dir } => Ok(Box::new(super::reward::RewardOracle::load(dir)?))`,
 /// `Judge { dir, template } => Ok(Box::new(super::judge::JudgeOracle::load(dir, template.clone())?))`.
 fn build_model_oracle(spec: &OracleSpec) -> Result<Box<dyn Oracle>> {
-    bail!("oracle kind `{}` is not built in this branch (spec `{spec}`)", spec.kind())
+    Ok(match spec {
+        OracleSpec::Similarity { dir, tau } => Box::new(super::similarity::SimilarityOracle::load(dir, *tau)?),
+        OracleSpec::Reward { dir } => Box::new(super::reward::RewardOracle::load(dir)?),
+        OracleSpec::Judge { dir, template } => Box::new(super::judge::JudgeOracle::load(dir, template.clone())?),
+        other => bail!("internal: `{}` is not a model-based oracle (spec `{other}`)", other.kind()),
+    })
 }
 
 /// Parses `spec` and builds its oracle.

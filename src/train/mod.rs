@@ -14,6 +14,8 @@
 //! β = 1e-3. tests/train_math.rs checks everything here against PyTorch/transformers fixtures
 //! (`scripts/make_train_fixtures.py`).
 
+pub mod data;
 pub mod loss;
 pub mod optim;
 pub mod schedule;
+pub mod trainer;
