@@ -23,10 +23,8 @@ Run: .venv/bin/python scripts/make_train_fixtures.py   (from the repository root
 
 import base64
 import json
-import math
 import os
 import sys
-import tempfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -128,7 +126,7 @@ OPT_CASES = [
 ]
 
 
-def run_opt_case(p0, grads, opt_name, kwargs, sched, warmup, max_norm, tmp):
+def run_opt_case(p0, grads, opt_name, kwargs, sched, warmup, max_norm):
     params = [torch.nn.Parameter(t.clone()) for t in torch.split(torch.from_numpy(p0.copy()), SIZES)]
     if opt_name == "adamw":
         opt = torch.optim.AdamW(params, foreach=False, **kwargs)
@@ -158,28 +156,27 @@ def optim_fixture():
     p0 = rng.uniform(-1, 1, n).astype(np.float32)
     grads = make_grads(rng)
     cases = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, opt_name, kwargs, sched, warmup, max_norm in OPT_CASES:
-            warmup_steps, traj, norms, lrs = run_opt_case(p0, grads, opt_name, kwargs, sched, warmup, max_norm, tmp)
-            case = {
-                "name": name,
-                "optimizer": opt_name,
-                "lr": kwargs["lr"],
-                "eps": kwargs["eps"],
-                "weight_decay": kwargs["weight_decay"],
-                "schedule": sched,
-                "warmup": warmup,
-                "warmup_steps": warmup_steps,
-                "max_grad_norm": max_norm,
-                "grad_norms": norms,
-                "lrs": lrs,
-                "params": b64_f32(traj),  # (steps, n): parameters after each step
-            }
-            if opt_name == "adamw":
-                case["beta1"], case["beta2"] = kwargs["betas"]
-            else:
-                case["alpha"] = kwargs["alpha"]
-            cases.append(case)
+    for name, opt_name, kwargs, sched, warmup, max_norm in OPT_CASES:
+        warmup_steps, traj, norms, lrs = run_opt_case(p0, grads, opt_name, kwargs, sched, warmup, max_norm)
+        case = {
+            "name": name,
+            "optimizer": opt_name,
+            "lr": kwargs["lr"],
+            "eps": kwargs["eps"],
+            "weight_decay": kwargs["weight_decay"],
+            "schedule": sched,
+            "warmup": warmup,
+            "warmup_steps": warmup_steps,
+            "max_grad_norm": max_norm,
+            "grad_norms": norms,
+            "lrs": lrs,
+            "params": b64_f32(traj),  # (steps, n): parameters after each step
+        }
+        if opt_name == "adamw":
+            case["beta1"], case["beta2"] = kwargs["betas"]
+        else:
+            case["alpha"] = kwargs["alpha"]
+        cases.append(case)
 
     clip_cases = []
     for i, (scale, max_norm) in enumerate([(0.01, 1.0), (1.0, 1.0), (1.0, 0.05), (50.0, 1.0), (1e-4, 1e-3)]):
@@ -213,21 +210,20 @@ def schedules_fixture():
     cases = []
     grid = [(3, 0.1), (10, 0.1), (1000, 0.1), (7, 0.25), (20, 0.0), (100, 0.05), (1, 0.1), (2, 0.5), (37, 0.3), (64, 5.0)]
     base_lr = 5e-7
-    with tempfile.TemporaryDirectory() as tmp:
-        for total, warmup in grid:
-            warmup_steps = hf_warmup_steps(warmup, total)
-            for kind in ("linear", "cosine", "constant_with_warmup"):
-                p = torch.nn.Parameter(torch.zeros(1))
-                opt = torch.optim.SGD([p], lr=base_lr)
-                sched = get_scheduler(kind, opt, num_warmup_steps=warmup_steps, num_training_steps=total)
-                lrs = []
-                for _ in range(total):
-                    lrs.append(opt.param_groups[0]["lr"])
-                    opt.step()
-                    sched.step()
-                cases.append(
-                    {"kind": kind, "total_steps": total, "warmup": warmup, "warmup_steps": warmup_steps, "base_lr": base_lr, "lrs": lrs}
-                )
+    for total, warmup in grid:
+        warmup_steps = hf_warmup_steps(warmup, total)
+        for kind in ("linear", "cosine", "constant_with_warmup"):
+            p = torch.nn.Parameter(torch.zeros(1))
+            opt = torch.optim.SGD([p], lr=base_lr)
+            sched = get_scheduler(kind, opt, num_warmup_steps=warmup_steps, num_training_steps=total)
+            lrs = []
+            for _ in range(total):
+                lrs.append(opt.param_groups[0]["lr"])
+                opt.step()
+                sched.step()
+            cases.append(
+                {"kind": kind, "total_steps": total, "warmup": warmup, "warmup_steps": warmup_steps, "base_lr": base_lr, "lrs": lrs}
+            )
     return cases
 
 

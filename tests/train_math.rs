@@ -7,6 +7,7 @@
 //! - lr schedules vs transformers' schedulers, including warm-up step counts;
 //! - the gradient norm accumulates in f64 and does not depend on the thread count.
 
+#[allow(unused_macros)] // gpu_or_skip: this binary has no GPU test
 mod common;
 
 use serde_json::Value;
@@ -62,7 +63,7 @@ fn base64_decode(s: &str) -> Option<Vec<u8>> {
         } as u32)
     };
     let s = s.as_bytes();
-    if s.len() % 4 != 0 {
+    if !s.len().is_multiple_of(4) {
         return None;
     }
     let mut out = Vec::with_capacity(s.len() / 4 * 3);
@@ -128,12 +129,17 @@ fn loss_gradients_match_finite_differences() {
             for _ in 0..20 {
                 let (rc, rr) = (f64::from(rng.uniform(-300.0, -20.0)), f64::from(rng.uniform(-300.0, -20.0)));
                 let (pc, pr) = (rc + f64::from(rng.uniform(-5.0, 5.0)), rr + f64::from(rng.uniform(-5.0, 5.0)));
-                let probs = PairProbs::new(f64::from(rng.uniform(0.0, 1.0)), f64::from(rng.uniform(0.0, 1.0)), f64::from(rng.uniform(0.0, 1.0)))
-                    .expect("valid");
+                let probs =
+                    PairProbs::new(f64::from(rng.uniform(0.0, 1.0)), f64::from(rng.uniform(0.0, 1.0)), f64::from(rng.uniform(0.0, 1.0)))
+                        .expect("valid");
                 let l = pair_loss(kind, beta, pc, pr, rc, rr, &probs);
                 let h = 1e-3;
-                let fd_c = (pair_loss(kind, beta, pc + h, pr, rc, rr, &probs).loss - pair_loss(kind, beta, pc - h, pr, rc, rr, &probs).loss) / (2.0 * h);
-                let fd_r = (pair_loss(kind, beta, pc, pr + h, rc, rr, &probs).loss - pair_loss(kind, beta, pc, pr - h, rc, rr, &probs).loss) / (2.0 * h);
+                let fd_c = (pair_loss(kind, beta, pc + h, pr, rc, rr, &probs).loss
+                    - pair_loss(kind, beta, pc - h, pr, rc, rr, &probs).loss)
+                    / (2.0 * h);
+                let fd_r = (pair_loss(kind, beta, pc, pr + h, rc, rr, &probs).loss
+                    - pair_loss(kind, beta, pc, pr - h, rc, rr, &probs).loss)
+                    / (2.0 * h);
                 // Central differences are exact for the quadratic losses up to the rounding of a
                 // loss of size ~η² (η = 1000: 1e6 · 1e-16 / 1e-3 ≈ 1e-7); DPO's third derivative
                 // is at most β³, so h² β³ / 6 ≤ 2e-7.
@@ -195,7 +201,12 @@ fn sppo_loss_at_the_first_step_of_an_iteration() {
 
 fn optimizer_config(c: &Value) -> OptimizerConfig {
     match c["optimizer"].as_str().expect("optimizer") {
-        "adamw" => OptimizerConfig::AdamW(AdamWConfig { beta1: f(c, "beta1"), beta2: f(c, "beta2"), eps: f(c, "eps"), weight_decay: f(c, "weight_decay") }),
+        "adamw" => OptimizerConfig::AdamW(AdamWConfig {
+            beta1: f(c, "beta1"),
+            beta2: f(c, "beta2"),
+            eps: f(c, "eps"),
+            weight_decay: f(c, "weight_decay"),
+        }),
         "rmsprop" => OptimizerConfig::RmsProp(RmspropConfig { alpha: f(c, "alpha"), eps: f(c, "eps"), weight_decay: f(c, "weight_decay") }),
         other => panic!("fixture optimizer {other}"),
     }

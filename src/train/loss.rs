@@ -17,8 +17,9 @@
 //! P_win = `chosen_probs_win` (the chosen response's mean win-rate against all K samples), P_lose
 //! = `chosen_probs_lose` (the rejected one's), P_wl = `chosen_probs` (chosen beats rejected). These
 //! are the formulas of uclaml/SPPO's trainer (`sppo`, `sppo_single` with the `/ 2`; `sppo_hard`
-//! without it). The SPPO losses are the paper's Algorithm 1 regression (arXiv 2405.00675,
-//! Eq. (4.5)/(4.6)): each response's log-ratio is regressed onto η(P̂(y ≻ π_t) − ½).
+//! without it). The SPPO losses are the square-loss regression of the paper's Algorithm 1
+//! (arXiv 2405.00675): each response's log-ratio log(π_θ/π_t) is regressed onto
+//! η(P̂(y ≻ π_t|x) − ½).
 //! IPO here uses summed log-probs like the others (TRL's IPO averages over tokens); that is a
 //! choice of the caller's log-prob reduction, not of this formula.
 //!
@@ -297,7 +298,13 @@ mod tests {
         assert!(check_beta(0.0).is_err() && check_beta(f64::NAN).is_err() && check_beta(1e-3).is_ok());
         assert!(PairProbs::new(1.5, 0.5, 0.5).is_err());
         assert!(PairProbs::new(0.5, f64::NAN, 0.5).is_err());
-        let p = PairInput { policy_chosen: 0.0, policy_rejected: 0.0, ref_chosen: 0.0, ref_rejected: 0.0, probs: PairProbs::new(0.5, 0.5, 0.5).expect("valid") };
+        let p = PairInput {
+            policy_chosen: 0.0,
+            policy_rejected: 0.0,
+            ref_chosen: 0.0,
+            ref_rejected: 0.0,
+            probs: PairProbs::new(0.5, 0.5, 0.5).expect("valid"),
+        };
         assert!(batch_pair_loss(LossType::Sppo, 1e-3, &[p, p], 1).is_err());
         assert!(batch_pair_loss(LossType::Sppo, 1e-3, &[], 1).is_err());
     }

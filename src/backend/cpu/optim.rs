@@ -85,6 +85,9 @@ fn check_finite(op: &Op, what: &str, v: f64) -> Result<()> {
     Ok(())
 }
 
+/// One task's slices as rayon's nested `zip` yields them: ((params, grads), m), v.
+type AdamChunk<'a> = (((&'a mut [f32], &'a [f32]), &'a mut [f32]), &'a mut [f32]);
+
 #[allow(clippy::too_many_arguments)]
 pub(super) fn adamw_step(
     params: &mut [f32],
@@ -125,7 +128,7 @@ pub(super) fn adamw_step(
     let eps = hp.eps as f32;
     let neg_step_size = (-step_size) as f32;
 
-    let kernel = |(((p, g), m), v): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32])| {
+    let kernel = |(((p, g), m), v): AdamChunk<'_>| {
         for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
             if apply_decay {
                 *p *= decay;
