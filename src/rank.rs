@@ -147,7 +147,7 @@ fn is_parquet_file(path: &Path) -> Result<bool> {
 }
 
 /// Every record of a JSONL or Parquet file (blank lines skipped). Parquet rows get their
-/// `extra_json` column merged back into the record.
+/// `extra_json` column merged back into the record; null cells are left out.
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     if is_parquet_file(path)? {
         return read_parquet_records(path);
@@ -187,7 +187,9 @@ fn read_parquet_records(path: &Path) -> Result<Vec<Record>> {
             let v = crate::prompts::field_to_json(field);
             if name == EXTRA_COLUMN {
                 extra = Some(v);
-            } else {
+            } else if !v.is_null() {
+                // A null cell reads as an absent field (as in prompts.rs), so that a JSONL record
+                // without `prompt_id` and its Parquet row compare equal on resume.
                 fields.insert(name.clone(), v);
             }
         }
