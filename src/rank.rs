@@ -89,12 +89,17 @@ pub struct RankSummary {
 }
 
 pub fn is_parquet_path(path: &Path) -> bool {
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
 }
 
 /// The append log behind a `.parquet` output.
 pub fn partial_log_path(output: &Path) -> PathBuf {
-    let mut name = output.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    let mut name = output
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_default();
     name.push(".partial.jsonl");
     output.with_file_name(name)
 }
@@ -135,12 +140,14 @@ fn is_parquet_file(path: &Path) -> Result<bool> {
     }
     let mut magic = [0u8; 4];
     let mut f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let n = f.read(&mut magic).with_context(|| format!("reading {}", path.display()))?;
+    let n = f
+        .read(&mut magic)
+        .with_context(|| format!("reading {}", path.display()))?;
     Ok(n == 4 && &magic == b"PAR1")
 }
 
 /// Every record of a JSONL or Parquet file (blank lines skipped). Parquet rows get their
-/// `extra_json` column merged back into the record.
+/// `extra_json` column merged back into the record; null cells are left out.
 pub fn read_records(path: &Path) -> Result<Vec<Record>> {
     if is_parquet_file(path)? {
         return read_parquet_records(path);
@@ -165,8 +172,11 @@ pub fn read_records(path: &Path) -> Result<Vec<Record>> {
 fn read_parquet_records(path: &Path) -> Result<Vec<Record>> {
     use parquet::file::reader::{FileReader, SerializedFileReader};
     let f = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let reader = SerializedFileReader::new(f).with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
-    let rows = reader.get_row_iter(None).with_context(|| format!("{}: reading rows", path.display()))?;
+    let reader = SerializedFileReader::new(f)
+        .with_context(|| format!("{}: not a readable Parquet file", path.display()))?;
+    let rows = reader
+        .get_row_iter(None)
+        .with_context(|| format!("{}: reading rows", path.display()))?;
     let mut out = Vec::new();
     for (index, row) in rows.enumerate() {
         let at = format!("{}: row {index}", path.display());
@@ -177,7 +187,9 @@ fn read_parquet_records(path: &Path) -> Result<Vec<Record>> {
             let v = crate::prompts::field_to_json(field);
             if name == EXTRA_COLUMN {
                 extra = Some(v);
-            } else {
+            } else if !v.is_null() {
+                // A null cell reads as an absent field (as in prompts.rs), so that a JSONL record
+                // without `prompt_id` and its Parquet row compare equal on resume.
                 fields.insert(name.clone(), v);
             }
         }
@@ -187,7 +199,10 @@ fn read_parquet_records(path: &Path) -> Result<Vec<Record>> {
                 _ => bail!("{at}: `{EXTRA_COLUMN}` is not a JSON object: {s:.200}"),
             },
             Some(Value::Null) | None => {}
-            Some(other) => bail!("{at}: `{EXTRA_COLUMN}` must be a string column, got {}", type_name(&other)),
+            Some(other) => bail!(
+                "{at}: `{EXTRA_COLUMN}` must be a string column, got {}",
+                type_name(&other)
+            ),
         }
         out.push(Record { at, fields });
     }
@@ -200,21 +215,41 @@ impl RankInput {
         let f = r.fields;
         let prompt = match f.get("prompt") {
             None => bail!("{at}: no `prompt` field"),
-            Some(v) => message_text(v, "user").with_context(|| format!("{at}: `prompt` must be a string or a [{{role, content}}] list, got {}", type_name(v)))?,
+            Some(v) => message_text(v, "user").with_context(|| {
+                format!(
+                    "{at}: `prompt` must be a string or a [{{role, content}}] list, got {}",
+                    type_name(v)
+                )
+            })?,
         };
         let responses: Vec<String> = match f.get("responses") {
             Some(Value::Array(items)) => items
                 .iter()
                 .enumerate()
-                .map(|(i, v)| message_text(v, "assistant").with_context(|| format!("{at}: `responses[{i}]` must be a string, got {}", type_name(v))))
+                .map(|(i, v)| {
+                    message_text(v, "assistant").with_context(|| {
+                        format!(
+                            "{at}: `responses[{i}]` must be a string, got {}",
+                            type_name(v)
+                        )
+                    })
+                })
                 .collect::<Result<_>>()?,
-            Some(other) => bail!("{at}: `responses` must be a list of strings, got {}", type_name(other)),
+            Some(other) => bail!(
+                "{at}: `responses` must be a list of strings, got {}",
+                type_name(other)
+            ),
             None => {
                 // The reference pipeline's generated set: generate_0 .. generate_{K-1}.
                 let mut out = Vec::new();
                 while let Some(v) = f.get(&format!("generate_{}", out.len())) {
                     let i = out.len();
-                    out.push(message_text(v, "assistant").with_context(|| format!("{at}: `generate_{i}` must be a string or a message list, got {}", type_name(v)))?);
+                    out.push(message_text(v, "assistant").with_context(|| {
+                        format!(
+                            "{at}: `generate_{i}` must be a string or a message list, got {}",
+                            type_name(v)
+                        )
+                    })?);
                 }
                 if out.is_empty() {
                     bail!("{at}: no `responses` field (nor generate_0, generate_1, ...)");
@@ -223,19 +258,35 @@ impl RankInput {
             }
         };
         if responses.len() < 2 {
-            bail!("{at}: ranking needs at least 2 responses, the record has {}", responses.len());
+            bail!(
+                "{at}: ranking needs at least 2 responses, the record has {}",
+                responses.len()
+            );
         }
         let reference = match f.get("reference") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
-            Some(other) => bail!("{at}: `reference` must be a string, got {}", type_name(other)),
+            Some(other) => bail!(
+                "{at}: `reference` must be a string, got {}",
+                type_name(other)
+            ),
         };
-        Ok(RankInput { at, fields: f, prompt, responses, reference })
+        Ok(RankInput {
+            at,
+            fields: f,
+            prompt,
+            responses,
+            reference,
+        })
     }
 
     /// `prompt_id` as written, for messages.
     fn id_text(&self) -> String {
-        match self.fields.get("prompt_id").or_else(|| self.fields.get("id")) {
+        match self
+            .fields
+            .get("prompt_id")
+            .or_else(|| self.fields.get("id"))
+        {
             Some(Value::String(s)) => format!(" (prompt_id {s})"),
             Some(v) => format!(" (prompt_id {v})"),
             None => String::new(),
@@ -245,7 +296,10 @@ impl RankInput {
 
 /// Every prompt of a generations file.
 pub fn read_rank_inputs(path: &Path) -> Result<Vec<RankInput>> {
-    let inputs = read_records(path)?.into_iter().map(RankInput::from_record).collect::<Result<Vec<_>>>()?;
+    let inputs = read_records(path)?
+        .into_iter()
+        .map(RankInput::from_record)
+        .collect::<Result<Vec<_>>>()?;
     if inputs.is_empty() {
         bail!("{}: no records", path.display());
     }
@@ -261,8 +315,15 @@ pub fn read_ranked(path: &Path) -> Result<Vec<RankedRow>> {
             let at = r.at;
             let mut fields = r.fields;
             let text = |fields: &Map<String, Value>, key: &str, role: &str| -> Result<String> {
-                let v = fields.get(key).with_context(|| format!("{at}: no `{key}` field"))?;
-                message_text(v, role).with_context(|| format!("{at}: `{key}` must be a string or a [{{role, content}}] list, got {}", type_name(v)))
+                let v = fields
+                    .get(key)
+                    .with_context(|| format!("{at}: no `{key}` field"))?;
+                message_text(v, role).with_context(|| {
+                    format!(
+                        "{at}: `{key}` must be a string or a [{{role, content}}] list, got {}",
+                        type_name(v)
+                    )
+                })
             };
             let prompt = match fields.get("prompt") {
                 Some(_) => text(&fields, "prompt", "user")?,
@@ -273,13 +334,29 @@ pub fn read_ranked(path: &Path) -> Result<Vec<RankedRow>> {
             let num = |key: &str| -> Result<f64> {
                 match fields.get(key).and_then(Value::as_f64) {
                     Some(x) if x.is_finite() => Ok(x),
-                    _ => bail!("{at}: `{key}` must be a finite number, got {:?}", fields.get(key)),
+                    _ => bail!(
+                        "{at}: `{key}` must be a finite number, got {:?}",
+                        fields.get(key)
+                    ),
                 }
             };
-            let (chosen_probs, chosen_probs_win, chosen_probs_lose) = (num("chosen_probs")?, num("chosen_probs_win")?, num("chosen_probs_lose")?);
+            let (chosen_probs, chosen_probs_win, chosen_probs_lose) = (
+                num("chosen_probs")?,
+                num("chosen_probs_win")?,
+                num("chosen_probs_lose")?,
+            );
             fields.insert("chosen".into(), Value::String(chosen.clone()));
             fields.insert("rejected".into(), Value::String(rejected.clone()));
-            Ok(RankedRow { at, prompt, chosen, rejected, chosen_probs, chosen_probs_win, chosen_probs_lose, fields })
+            Ok(RankedRow {
+                at,
+                prompt,
+                chosen,
+                rejected,
+                chosen_probs,
+                chosen_probs_win,
+                chosen_probs_lose,
+                fields,
+            })
         })
         .collect()
 }
@@ -287,7 +364,13 @@ pub fn read_ranked(path: &Path) -> Result<Vec<RankedRow>> {
 // ----------------------------------------------------------------------------------------- ranking
 
 /// The output record for one prompt.
-pub fn ranked_record(input: &RankInput, j: &Judgement, r: &Ranking, oracle: &str, mode: WinRate) -> Map<String, Value> {
+pub fn ranked_record(
+    input: &RankInput,
+    j: &Judgement,
+    r: &Ranking,
+    oracle: &str,
+    mode: WinRate,
+) -> Map<String, Value> {
     let mut out = input.fields.clone();
     let mut put = |k: &str, v: Value| {
         out.insert(k.to_string(), v);
@@ -299,7 +382,10 @@ pub fn ranked_record(input: &RankInput, j: &Judgement, r: &Ranking, oracle: &str
         put("oracle_scores", Value::from(s.clone()));
     }
     put("chosen", Value::String(input.responses[r.chosen].clone()));
-    put("rejected", Value::String(input.responses[r.rejected].clone()));
+    put(
+        "rejected",
+        Value::String(input.responses[r.rejected].clone()),
+    );
     put("chosen_index", Value::from(r.chosen));
     put("rejected_index", Value::from(r.rejected));
     put("chosen_probs", Value::from(r.chosen_probs));
@@ -315,16 +401,32 @@ fn check_done(done: &Record, input: &RankInput, oracle: &str, mode: WinRate) -> 
     let hint = "delete it or pick another --out to start over";
     let same = |key: &str| done.fields.get(key) == input.fields.get(key);
     if !same("prompt") || !same("prompt_id") {
-        bail!("{}: this output line is for another prompt than input {}{} ({hint})", done.at, input.at, input.id_text());
+        bail!(
+            "{}: this output line is for another prompt than input {}{} ({hint})",
+            done.at,
+            input.at,
+            input.id_text()
+        );
     }
     let responses: Option<Vec<String>> = match done.fields.get("responses") {
         Some(Value::Array(a)) => a.iter().map(|v| message_text(v, "assistant")).collect(),
         _ => None,
     };
     if responses.as_ref() != Some(&input.responses) {
-        bail!("{}: the responses differ from input {}{} (another generation?) ({hint})", done.at, input.at, input.id_text());
+        bail!(
+            "{}: the responses differ from input {}{} (another generation?) ({hint})",
+            done.at,
+            input.at,
+            input.id_text()
+        );
     }
-    let got = |key: &str| done.fields.get(key).and_then(Value::as_str).unwrap_or("(none)").to_string();
+    let got = |key: &str| {
+        done.fields
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or("(none)")
+            .to_string()
+    };
     if got("oracle") != oracle || got("winrate") != mode.as_str() {
         bail!(
             "{}: ranked with oracle `{}` and --winrate {}, this run uses `{oracle}` and {mode} ({hint})",
@@ -346,9 +448,14 @@ fn resume_log(log: &Path, inputs: &[RankInput], oracle: &str, mode: WinRate) -> 
     let keep = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     if keep < bytes.len() {
         eprintln!("warning: {}: dropping a torn last line ({} bytes, from an interrupted run); it is ranked again", log.display(), bytes.len() - keep);
-        let f = OpenOptions::new().write(true).open(log).with_context(|| format!("opening {}", log.display()))?;
-        f.set_len(keep as u64).with_context(|| format!("truncating {}", log.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", log.display()))?;
+        let f = OpenOptions::new()
+            .write(true)
+            .open(log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        f.set_len(keep as u64)
+            .with_context(|| format!("truncating {}", log.display()))?;
+        f.sync_all()
+            .with_context(|| format!("syncing {}", log.display()))?;
     }
     let mut n = 0;
     for (i, line) in bytes[..keep].split(|&b| b == b'\n').enumerate() {
@@ -361,7 +468,10 @@ fn resume_log(log: &Path, inputs: &[RankInput], oracle: &str, mode: WinRate) -> 
             _ => bail!("{at}: not a JSON object: the output is corrupt (delete it to start over)"),
         };
         let Some(input) = inputs.get(n) else {
-            bail!("{at}: the output has more records than the input has prompts ({})", inputs.len());
+            bail!(
+                "{at}: the output has more records than the input has prompts ({})",
+                inputs.len()
+            );
         };
         check_done(&Record { at, fields }, input, oracle, mode)?;
         n += 1;
@@ -370,27 +480,49 @@ fn resume_log(log: &Path, inputs: &[RankInput], oracle: &str, mode: WinRate) -> 
 }
 
 /// Ranks `input` into `output` (module doc), resuming a partial output.
-pub fn rank_file(oracle: &mut dyn Oracle, input: &Path, output: &Path, opts: &RankOptions) -> Result<RankSummary> {
+pub fn rank_file(
+    oracle: &mut dyn Oracle,
+    input: &Path,
+    output: &Path,
+    opts: &RankOptions,
+) -> Result<RankSummary> {
     if opts.batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
     let inputs = read_rank_inputs(input)?;
     let name = oracle.name();
     let parquet_out = is_parquet_path(output);
-    let log = if parquet_out { partial_log_path(output) } else { output.to_path_buf() };
-    let mut summary = RankSummary { prompts: inputs.len(), resumed: 0, ranked: 0, pairs: 0, seconds: 0.0 };
+    let log = if parquet_out {
+        partial_log_path(output)
+    } else {
+        output.to_path_buf()
+    };
+    let mut summary = RankSummary {
+        prompts: inputs.len(),
+        resumed: 0,
+        ranked: 0,
+        pairs: 0,
+        seconds: 0.0,
+    };
 
     if parquet_out && output.exists() {
         // A Parquet output is only ever written whole: it must be complete and ours.
         let done = read_records(output)?;
         if done.len() != inputs.len() {
-            bail!("{}: has {} rows, the input {} has {} prompts (delete it to start over)", output.display(), done.len(), input.display(), inputs.len());
+            bail!(
+                "{}: has {} rows, the input {} has {} prompts (delete it to start over)",
+                output.display(),
+                done.len(),
+                input.display(),
+                inputs.len()
+            );
         }
         for (d, i) in done.iter().zip(&inputs) {
             check_done(d, i, &name, opts.winrate)?;
         }
         if log.exists() {
-            fs::remove_file(&log).with_context(|| format!("removing the stale log {}", log.display()))?;
+            fs::remove_file(&log)
+                .with_context(|| format!("removing the stale log {}", log.display()))?;
         }
         summary.resumed = inputs.len();
         return Ok(summary);
@@ -401,9 +533,17 @@ pub fn rank_file(oracle: &mut dyn Oracle, input: &Path, output: &Path, opts: &Ra
     if let Some(dir) = log.parent().filter(|d| !d.as_os_str().is_empty()) {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let mut file = OpenOptions::new().create(true).append(true).open(&log).with_context(|| format!("opening {} for appending", log.display()))?;
+    let mut file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .with_context(|| format!("opening {} for appending", log.display()))?;
 
-    let pb = if opts.progress { indicatif::ProgressBar::new(inputs.len() as u64) } else { indicatif::ProgressBar::hidden() };
+    let pb = if opts.progress {
+        indicatif::ProgressBar::new(inputs.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     pb.set_style(
         indicatif::ProgressStyle::with_template("{spinner} ranking {bar:30} {pos}/{len} prompts, {msg} [{elapsed_precise} < {eta_precise}]")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -413,29 +553,56 @@ pub fn rank_file(oracle: &mut dyn Oracle, input: &Path, output: &Path, opts: &Ra
     let start = Instant::now();
 
     for batch in inputs[resumed..].chunks(opts.batch_size) {
-        let views: Vec<OracleInput<'_>> =
-            batch.iter().map(|x| OracleInput { prompt: &x.prompt, responses: &x.responses, reference: x.reference.as_deref() }).collect();
+        let views: Vec<OracleInput<'_>> = batch
+            .iter()
+            .map(|x| OracleInput {
+                prompt: &x.prompt,
+                responses: &x.responses,
+                reference: x.reference.as_deref(),
+            })
+            .collect();
         let (first, last) = (&batch[0], &batch[batch.len() - 1]);
         let where_ = || format!("ranking {} .. {}{}", first.at, last.at, first.id_text());
         let judgements = oracle.judge(&views).with_context(where_)?;
         if judgements.len() != batch.len() {
-            bail!("{}: the oracle returned {} judgements for {} prompts", where_(), judgements.len(), batch.len());
+            bail!(
+                "{}: the oracle returned {} judgements for {} prompts",
+                where_(),
+                judgements.len(),
+                batch.len()
+            );
         }
         let mut text = Vec::new();
         for (x, j) in batch.iter().zip(&judgements) {
             if j.matrix.k() != x.responses.len() {
-                bail!("{}{}: the oracle judged {} responses, the record has {}", x.at, x.id_text(), j.matrix.k(), x.responses.len());
+                bail!(
+                    "{}{}: the oracle judged {} responses, the record has {}",
+                    x.at,
+                    x.id_text(),
+                    j.matrix.k(),
+                    x.responses.len()
+                );
             }
-            let r = rank(&j.matrix, opts.winrate).with_context(|| format!("{}{}", x.at, x.id_text()))?;
-            serde_json::to_writer(&mut text, &Value::Object(ranked_record(x, j, &r, &name, opts.winrate)))?;
+            let r = rank(&j.matrix, opts.winrate)
+                .with_context(|| format!("{}{}", x.at, x.id_text()))?;
+            serde_json::to_writer(
+                &mut text,
+                &Value::Object(ranked_record(x, j, &r, &name, opts.winrate)),
+            )?;
             text.push(b'\n');
             summary.pairs += (x.responses.len() * (x.responses.len() - 1) / 2) as u64;
         }
         // One write, then fsync: a crash loses at most this batch (module doc).
-        file.write_all(&text).and_then(|()| file.flush()).and_then(|()| file.sync_data()).with_context(|| format!("writing {}", log.display()))?;
+        file.write_all(&text)
+            .and_then(|()| file.flush())
+            .and_then(|()| file.sync_data())
+            .with_context(|| format!("writing {}", log.display()))?;
         summary.ranked += batch.len();
         pb.inc(batch.len() as u64);
-        pb.set_message(format!("{:.1} pairs/s", summary.pairs as f64 / start.elapsed().as_secs_f64().max(1e-9)));
+        pb.set_message(format!(
+            "{:.1} pairs/s",
+            summary.pairs as f64 / start.elapsed().as_secs_f64().max(1e-9)
+        ));
     }
     pb.finish_and_clear();
     drop(file);
@@ -534,9 +701,14 @@ pub fn write_ranked_parquet(path: &Path, records: &[Record]) -> Result<()> {
         let at = &r.at;
         let f = &r.fields;
         let get = |k: &str| f.get(k).with_context(|| format!("{at}: no `{k}` field"));
-        let prompt_text = message_text(get("prompt")?, "user").with_context(|| format!("{at}: `prompt` is not text"))?;
+        let prompt_text = message_text(get("prompt")?, "user")
+            .with_context(|| format!("{at}: `prompt` is not text"))?;
         prompt.push(ByteArray::from(prompt_text.as_str()));
-        let mut other: Map<String, Value> = f.iter().filter(|(k, _)| !TYPED.contains(&k.as_str())).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut other: Map<String, Value> = f
+            .iter()
+            .filter(|(k, _)| !TYPED.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if !f["prompt"].is_string() {
             other.insert("prompt".into(), f["prompt"].clone()); // the original message list wins on reading
         }
@@ -552,29 +724,63 @@ pub fn write_ranked_parquet(path: &Path, records: &[Record]) -> Result<()> {
             None => prompt_id.def.push(0),
         }
         for (c, key) in ["chosen", "rejected"].into_iter().enumerate() {
-            let text = get(key)?.as_str().with_context(|| format!("{at}: `{key}` must be a string"))?;
+            let text = get(key)?
+                .as_str()
+                .with_context(|| format!("{at}: `{key}` must be a string"))?;
             msg_cols[2 * c].list([ByteArray::from(prompt_text.as_str()), ByteArray::from(text)]);
             msg_cols[2 * c + 1].list([ByteArray::from("user"), ByteArray::from("assistant")]);
         }
-        for (c, key) in ["chosen_probs", "chosen_probs_win", "chosen_probs_lose"].into_iter().enumerate() {
-            probs[c].push(get(key)?.as_f64().with_context(|| format!("{at}: `{key}` must be a number"))?);
+        for (c, key) in ["chosen_probs", "chosen_probs_win", "chosen_probs_lose"]
+            .into_iter()
+            .enumerate()
+        {
+            probs[c].push(
+                get(key)?
+                    .as_f64()
+                    .with_context(|| format!("{at}: `{key}` must be a number"))?,
+            );
         }
         for (c, key) in ["chosen_index", "rejected_index"].into_iter().enumerate() {
-            idx[c].push(get(key)?.as_i64().with_context(|| format!("{at}: `{key}` must be an integer"))?);
+            idx[c].push(
+                get(key)?
+                    .as_i64()
+                    .with_context(|| format!("{at}: `{key}` must be an integer"))?,
+            );
         }
-        let list = |k: &str| get(k)?.as_array().with_context(|| format!("{at}: `{k}` must be a list"));
-        let texts = list("responses")?.iter().map(|v| v.as_str().map(ByteArray::from)).collect::<Option<Vec<_>>>();
+        let list = |k: &str| {
+            get(k)?
+                .as_array()
+                .with_context(|| format!("{at}: `{k}` must be a list"))
+        };
+        let texts = list("responses")?
+            .iter()
+            .map(|v| v.as_str().map(ByteArray::from))
+            .collect::<Option<Vec<_>>>();
         responses.list(texts.with_context(|| format!("{at}: `responses` must be strings"))?);
-        let nums = list("scores")?.iter().map(Value::as_f64).collect::<Option<Vec<_>>>();
+        let nums = list("scores")?
+            .iter()
+            .map(Value::as_f64)
+            .collect::<Option<Vec<_>>>();
         scores.list(nums.with_context(|| format!("{at}: `scores` must be numbers"))?);
         // matrix: depth-2 list; rep 0 starts the row, 1 a new inner list, 2 continues one.
         let rows = list("matrix")?;
         for (i, row) in rows.iter().enumerate() {
-            let row = row.as_array().with_context(|| format!("{at}: `matrix[{i}]` must be a list"))?;
+            let row = row
+                .as_array()
+                .with_context(|| format!("{at}: `matrix[{i}]` must be a list"))?;
             for (j, v) in row.iter().enumerate() {
-                matrix.values.push(v.as_f64().with_context(|| format!("{at}: `matrix[{i}][{j}]` must be a number"))?);
+                matrix.values.push(
+                    v.as_f64()
+                        .with_context(|| format!("{at}: `matrix[{i}][{j}]` must be a number"))?,
+                );
                 matrix.def.push(2);
-                matrix.rep.push(if i == 0 && j == 0 { 0 } else if j == 0 { 1 } else { 2 });
+                matrix.rep.push(if i == 0 && j == 0 {
+                    0
+                } else if j == 0 {
+                    1
+                } else {
+                    2
+                });
             }
         }
         if rows.is_empty() {
@@ -584,25 +790,57 @@ pub fn write_ranked_parquet(path: &Path, records: &[Record]) -> Result<()> {
     }
 
     let schema = Arc::new(parse_message_type(RANKED_SCHEMA).context("the ranked Parquet schema")?);
-    let props = Arc::new(WriterProperties::builder().set_compression(Compression::SNAPPY).build());
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
     crate::io::write_atomic_with(path, |file| {
         let mut writer = SerializedFileWriter::new(&mut *file, schema, props)?;
         let mut rg = writer.next_row_group()?;
         let mut column = 0usize;
         while let Some(mut col) = rg.next_column()? {
             match column {
-                0 => col.typed::<ByteArrayType>().write_batch(&prompt, None, None)?,
-                1 => col.typed::<ByteArrayType>().write_batch(&prompt_id.values, Some(&prompt_id.def), None)?,
+                0 => col
+                    .typed::<ByteArrayType>()
+                    .write_batch(&prompt, None, None)?,
+                1 => col.typed::<ByteArrayType>().write_batch(
+                    &prompt_id.values,
+                    Some(&prompt_id.def),
+                    None,
+                )?,
                 2..=5 => {
                     let c = &msg_cols[column - 2];
-                    col.typed::<ByteArrayType>().write_batch(&c.values, Some(&c.def), Some(&c.rep))?
+                    col.typed::<ByteArrayType>().write_batch(
+                        &c.values,
+                        Some(&c.def),
+                        Some(&c.rep),
+                    )?
                 }
-                6..=8 => col.typed::<DoubleType>().write_batch(&probs[column - 6], None, None)?,
-                9..=10 => col.typed::<Int64Type>().write_batch(&idx[column - 9], None, None)?,
-                11 => col.typed::<ByteArrayType>().write_batch(&responses.values, Some(&responses.def), Some(&responses.rep))?,
-                12 => col.typed::<DoubleType>().write_batch(&scores.values, Some(&scores.def), Some(&scores.rep))?,
-                13 => col.typed::<DoubleType>().write_batch(&matrix.values, Some(&matrix.def), Some(&matrix.rep))?,
-                14 => col.typed::<ByteArrayType>().write_batch(&extra, None, None)?,
+                6..=8 => col
+                    .typed::<DoubleType>()
+                    .write_batch(&probs[column - 6], None, None)?,
+                9..=10 => col
+                    .typed::<Int64Type>()
+                    .write_batch(&idx[column - 9], None, None)?,
+                11 => col.typed::<ByteArrayType>().write_batch(
+                    &responses.values,
+                    Some(&responses.def),
+                    Some(&responses.rep),
+                )?,
+                12 => col.typed::<DoubleType>().write_batch(
+                    &scores.values,
+                    Some(&scores.def),
+                    Some(&scores.rep),
+                )?,
+                13 => col.typed::<DoubleType>().write_batch(
+                    &matrix.values,
+                    Some(&matrix.def),
+                    Some(&matrix.rep),
+                )?,
+                14 => col
+                    .typed::<ByteArrayType>()
+                    .write_batch(&extra, None, None)?,
                 n => return Err(anyhow!("the ranked schema has an unexpected column {n}")),
             };
             col.close()?;

@@ -67,38 +67,81 @@ impl Rng {
 #[test]
 fn spec_parses_every_kind() {
     let s = OracleSpec::parse("similarity:models/minilm").unwrap();
-    assert_eq!(s, OracleSpec::Similarity { dir: "models/minilm".into(), tau: 0.05 });
+    assert_eq!(
+        s,
+        OracleSpec::Similarity {
+            dir: "models/minilm".into(),
+            tau: 0.05
+        }
+    );
     let s = OracleSpec::parse("similarity:\"dir,with,commas\",tau=0.1").unwrap();
-    assert_eq!(s, OracleSpec::Similarity { dir: "dir,with,commas".into(), tau: 0.1 });
-    assert_eq!(OracleSpec::parse("reward:rm").unwrap(), OracleSpec::Reward { dir: "rm".into() });
+    assert_eq!(
+        s,
+        OracleSpec::Similarity {
+            dir: "dir,with,commas".into(),
+            tau: 0.1
+        }
+    );
+    assert_eq!(
+        OracleSpec::parse("reward:rm").unwrap(),
+        OracleSpec::Reward { dir: "rm".into() }
+    );
     assert_eq!(
         OracleSpec::parse("judge:j,template=t.jinja").unwrap(),
-        OracleSpec::Judge { dir: "j".into(), template: Some(PathBuf::from("t.jinja")) }
+        OracleSpec::Judge {
+            dir: "j".into(),
+            template: Some(PathBuf::from("t.jinja"))
+        }
     );
-    assert_eq!(OracleSpec::parse("judge:j").unwrap(), OracleSpec::Judge { dir: "j".into(), template: None });
+    assert_eq!(
+        OracleSpec::parse("judge:j").unwrap(),
+        OracleSpec::Judge {
+            dir: "j".into(),
+            template: None
+        }
+    );
 
     let s = OracleSpec::parse("command:\"python3 'my judge.py' --fast\",timeout=2.5").unwrap();
     assert_eq!(
         s,
-        OracleSpec::Command { argv: vec!["python3".into(), "my judge.py".into(), "--fast".into()], timeout: Duration::from_millis(2500) }
+        OracleSpec::Command {
+            argv: vec!["python3".into(), "my judge.py".into(), "--fast".into()],
+            timeout: Duration::from_millis(2500)
+        }
     );
     // Inner double quotes: the command ends at the last quote.
     let s = OracleSpec::parse("command:\"python3 -c \"print(1)\"\"").unwrap();
-    assert_eq!(s, OracleSpec::Command { argv: vec!["python3".into(), "-c".into(), "print(1)".into()], timeout: Duration::from_secs(600) });
+    assert_eq!(
+        s,
+        OracleSpec::Command {
+            argv: vec!["python3".into(), "-c".into(), "print(1)".into()],
+            timeout: Duration::from_secs(600)
+        }
+    );
     // Unquoted: the whole rest, commas included, no options.
     let s = OracleSpec::parse("command:echo a,b").unwrap();
-    assert_eq!(s, OracleSpec::Command { argv: vec!["echo".into(), "a,b".into()], timeout: Duration::from_secs(600) });
+    assert_eq!(
+        s,
+        OracleSpec::Command {
+            argv: vec!["echo".into(), "a,b".into()],
+            timeout: Duration::from_secs(600)
+        }
+    );
 
     match OracleSpec::parse("game:rps,win=0.9").unwrap() {
         OracleSpec::Game { game, .. } => assert_eq!(game.kind(), &GameKind::Rps { win: 0.9 }),
         other => panic!("{other:?}"),
     }
     match OracleSpec::parse("game:rps5").unwrap() {
-        OracleSpec::Game { game, .. } => assert_eq!(game.kind(), &GameKind::Cyclic { n: 5, win: 1.0 }),
+        OracleSpec::Game { game, .. } => {
+            assert_eq!(game.kind(), &GameKind::Cyclic { n: 5, win: 1.0 })
+        }
         other => panic!("{other:?}"),
     }
     match OracleSpec::parse("game:random,n=4,seed=7").unwrap() {
-        OracleSpec::Game { game, .. } => assert_eq!(game.kind(), &GameKind::Random { n: 4, seed: 7 }),
+        OracleSpec::Game { game, .. } => {
+            assert_eq!(game.kind(), &GameKind::Random { n: 4, seed: 7 })
+        }
         other => panic!("{other:?}"),
     }
 }
@@ -116,7 +159,8 @@ fn spec_display_round_trips() {
         "game:rps",
     ] {
         let parsed = OracleSpec::parse(spec).unwrap();
-        let again = OracleSpec::parse(&parsed.to_string()).unwrap_or_else(|e| panic!("{spec} → {parsed} does not parse: {e:#}"));
+        let again = OracleSpec::parse(&parsed.to_string())
+            .unwrap_or_else(|e| panic!("{spec} → {parsed} does not parse: {e:#}"));
         assert_eq!(parsed, again, "{spec} → {parsed}");
     }
 }
@@ -124,11 +168,18 @@ fn spec_display_round_trips() {
 #[test]
 fn spec_errors_say_what_was_expected() {
     let e = err_text(OracleSpec::parse("pairwise:x"));
-    assert!(e.contains("unknown oracle kind `pairwise`") && e.contains("similarity, reward, judge, command, game"), "{e}");
+    assert!(
+        e.contains("unknown oracle kind `pairwise`")
+            && e.contains("similarity, reward, judge, command, game"),
+        "{e}"
+    );
     let e = err_text(OracleSpec::parse("models/rm"));
     assert!(e.contains("KIND:ARGUMENT"), "{e}");
     let e = err_text(OracleSpec::parse("game:chess"));
-    assert!(e.contains("unknown game `chess`") && e.contains("rps, rps5, cyclic, transitive, random"), "{e}");
+    assert!(
+        e.contains("unknown game `chess`") && e.contains("rps, rps5, cyclic, transitive, random"),
+        "{e}"
+    );
     let e = err_text(OracleSpec::parse("game:rps,n=3"));
     assert!(e.contains("no option `n`"), "{e}");
     let e = err_text(OracleSpec::parse("game:cyclic,n=4"));
@@ -153,15 +204,24 @@ fn spec_errors_say_what_was_expected() {
     assert!(e.contains("key=value"), "{e}");
     // The model oracles live in other modules; this branch says so instead of pretending.
     let e = err_text(build_oracle("similarity:models/minilm"));
-    assert!(e.contains("oracle kind `similarity` is not built in this branch"), "{e}");
+    assert!(
+        e.contains("oracle kind `similarity` is not built in this branch"),
+        "{e}"
+    );
     let e = err_text(build_oracle("command:/nonexistent/judge-program"));
-    assert!(e.contains("cannot start `/nonexistent/judge-program`"), "{e}");
+    assert!(
+        e.contains("cannot start `/nonexistent/judge-program`"),
+        "{e}"
+    );
 }
 
 // ----------------------------------------------------------------------------------------- command
 
 fn repo_path(rel: &str) -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(rel).display().to_string()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join(rel)
+        .display()
+        .to_string()
 }
 
 /// Writes a misbehaving oracle program (a Python script) to a temp dir; returns the spec.
@@ -172,7 +232,14 @@ fn script_oracle(dir: &tempfile::TempDir, name: &str, body: &str, options: &str)
 }
 
 fn inputs<'a>(responses: &'a [Vec<String>]) -> Vec<OracleInput<'a>> {
-    responses.iter().map(|r| OracleInput { prompt: "Say something.", responses: r, reference: None }).collect()
+    responses
+        .iter()
+        .map(|r| OracleInput {
+            prompt: "Say something.",
+            responses: r,
+            reference: None,
+        })
+        .collect()
 }
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -181,14 +248,24 @@ fn strings(v: &[&str]) -> Vec<String> {
 
 #[test]
 fn command_oracle_runs_the_example_script_over_several_batches() {
-    let spec = format!("command:\"python3 {}\"", repo_path("scripts/oracles/length_judge.py"));
+    let spec = format!(
+        "command:\"python3 {}\"",
+        repo_path("scripts/oracles/length_judge.py")
+    );
     let mut oracle = build_oracle(&spec).unwrap();
-    let batch1 = vec![strings(&["a", "abcd"]), strings(&["xyz", "", "hello world"])];
+    let batch1 = vec![
+        strings(&["a", "abcd"]),
+        strings(&["xyz", "", "hello world"]),
+    ];
     let batch2 = vec![strings(&["one", "two", "three", "four"])];
     let got = oracle.judge(&inputs(&batch1)).unwrap();
     assert_eq!(got.len(), 2);
     // scores ln(1 + len): P(i ≻ j) = (1 + len_i) / (2 + len_i + len_j). "abcd" vs "a": 5/7.
-    assert!(close(got[0].matrix.get(1, 0), 5.0 / 7.0, 1e-12), "{:?}", got[0]);
+    assert!(
+        close(got[0].matrix.get(1, 0), 5.0 / 7.0, 1e-12),
+        "{:?}",
+        got[0]
+    );
     assert!(close(got[0].matrix.get(0, 1), 2.0 / 7.0, 1e-12));
     assert_eq!(got[0].scores.as_ref().unwrap().len(), 2);
     // "" vs "hello world" (11 chars): 1 / 13.
@@ -218,7 +295,14 @@ for line in iter(sys.stdin.readline, ""):
     let mut oracle = build_oracle(&spec).unwrap();
     let r = vec![strings(&["a", "b", "c"])];
     let got = oracle.judge(&inputs(&r)).unwrap();
-    assert_eq!(got[0].matrix.rows(), vec![vec![0.5, 0.7, 0.7], vec![0.3, 0.5, 0.7], vec![0.3, 0.3, 0.5]]);
+    assert_eq!(
+        got[0].matrix.rows(),
+        vec![
+            vec![0.5, 0.7, 0.7],
+            vec![0.3, 0.5, 0.7],
+            vec![0.3, 0.3, 0.5]
+        ]
+    );
     assert_eq!(got[0].scores, None);
 }
 
@@ -239,45 +323,106 @@ const READ_LOOP: &str = "for line in iter(sys.stdin.readline, \"\"):\n    req = 
 #[test]
 fn command_oracle_rejects_wrong_shapes() {
     let two = || vec![strings(&["a", "b"])];
-    let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps({{\"matrix\": [[0.5, 0.5]]}}), flush=True)\n"), "", two());
+    let e = misbehaving(
+        &format!("{READ_LOOP}    print(json.dumps({{\"matrix\": [[0.5, 0.5]]}}), flush=True)\n"),
+        "",
+        two(),
+    );
     assert!(e.contains("`matrix` has 1 rows for 2 responses"), "{e}");
-    let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps({{\"matrix\": [[0.5, 0.5], [0.5]]}}), flush=True)\n"), "", two());
+    let e = misbehaving(
+        &format!(
+            "{READ_LOOP}    print(json.dumps({{\"matrix\": [[0.5, 0.5], [0.5]]}}), flush=True)\n"
+        ),
+        "",
+        two(),
+    );
     assert!(e.contains("`matrix[1]` has 1 entries"), "{e}");
-    let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps({{\"scores\": [1, 2, 3]}}), flush=True)\n"), "", two());
+    let e = misbehaving(
+        &format!("{READ_LOOP}    print(json.dumps({{\"scores\": [1, 2, 3]}}), flush=True)\n"),
+        "",
+        two(),
+    );
     assert!(e.contains("`scores` has 3 entries for 2 responses"), "{e}");
-    let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps({{\"scores\": [1, \"x\"]}}), flush=True)\n"), "", two());
+    let e = misbehaving(
+        &format!("{READ_LOOP}    print(json.dumps({{\"scores\": [1, \"x\"]}}), flush=True)\n"),
+        "",
+        two(),
+    );
     assert!(e.contains("scores[1] must be a number"), "{e}");
-    let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps({{\"ranks\": [1, 2]}}), flush=True)\n"), "", two());
+    let e = misbehaving(
+        &format!("{READ_LOOP}    print(json.dumps({{\"ranks\": [1, 2]}}), flush=True)\n"),
+        "",
+        two(),
+    );
     assert!(e.contains("neither `matrix` nor `scores`"), "{e}");
-    let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps([1, 2]), flush=True)\n"), "", two());
+    let e = misbehaving(
+        &format!("{READ_LOOP}    print(json.dumps([1, 2]), flush=True)\n"),
+        "",
+        two(),
+    );
     assert!(e.contains("must be a JSON object"), "{e}");
-    let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps({{\"id\": 7, \"scores\": [1, 2]}}), flush=True)\n"), "", two());
+    let e = misbehaving(
+        &format!(
+            "{READ_LOOP}    print(json.dumps({{\"id\": 7, \"scores\": [1, 2]}}), flush=True)\n"
+        ),
+        "",
+        two(),
+    );
     assert!(e.contains("id 7, expected 0"), "{e}");
-    let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps({{\"error\": \"CUDA out of memory\"}}), flush=True)\n"), "", two());
-    assert!(e.contains("the oracle reported an error: CUDA out of memory"), "{e}");
+    let e = misbehaving(
+        &format!(
+            "{READ_LOOP}    print(json.dumps({{\"error\": \"CUDA out of memory\"}}), flush=True)\n"
+        ),
+        "",
+        two(),
+    );
+    assert!(
+        e.contains("the oracle reported an error: CUDA out of memory"),
+        "{e}"
+    );
 }
 
 #[test]
 fn command_oracle_rejects_non_finite_and_out_of_range_values() {
     let two = || vec![strings(&["a", "b"])];
     // json.dumps writes NaN, which is not JSON.
-    let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps({{\"scores\": [float('nan'), 1.0]}}), flush=True)\n"), "", two());
+    let e = misbehaving(
+        &format!(
+            "{READ_LOOP}    print(json.dumps({{\"scores\": [float('nan'), 1.0]}}), flush=True)\n"
+        ),
+        "",
+        two(),
+    );
     assert!(e.contains("not JSON") && e.contains("non-finite"), "{e}");
     let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps({{\"matrix\": [[0.5, float('inf')], [0, 0.5]]}}), flush=True)\n"), "", two());
     assert!(e.contains("non-finite"), "{e}");
-    let e = misbehaving(&format!("{READ_LOOP}    print('{{\"scores\": [1e400, 0]}}', flush=True)\n"), "", two());
+    let e = misbehaving(
+        &format!("{READ_LOOP}    print('{{\"scores\": [1e400, 0]}}', flush=True)\n"),
+        "",
+        two(),
+    );
     assert!(e.contains("not JSON") || e.contains("not finite"), "{e}");
     let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps({{\"matrix\": [[0.5, 1.5], [-0.5, 0.5]]}}), flush=True)\n"), "", two());
     assert!(e.contains("matrix[0][1] = 1.5 is not a probability"), "{e}");
     let e = misbehaving(&format!("{READ_LOOP}    print(json.dumps({{\"matrix\": [[0.5, 0.7], [0.7, 0.5]]}}), flush=True)\n"), "", two());
-    assert!(e.contains("P[0][1] = 0.7 and P[1][0] = 0.7 do not sum to 1"), "{e}");
+    assert!(
+        e.contains("P[0][1] = 0.7 and P[1][0] = 0.7 do not sum to 1"),
+        "{e}"
+    );
     // The error names the reply, its position in the batch and the command.
-    assert!(e.contains("reply 0 (batch item 0, 2 responses)") && e.contains("command oracle `python3"), "{e}");
+    assert!(
+        e.contains("reply 0 (batch item 0, 2 responses)") && e.contains("command oracle `python3"),
+        "{e}"
+    );
 }
 
 #[test]
 fn command_oracle_reports_a_crash_with_its_status_and_stderr() {
-    let batch = vec![strings(&["a", "b"]), strings(&["c", "d"]), strings(&["e", "f"])];
+    let batch = vec![
+        strings(&["a", "b"]),
+        strings(&["c", "d"]),
+        strings(&["e", "f"]),
+    ];
     let body = format!(
         "{READ_LOOP}    if req['id'] == 1:\n        sys.stderr.write('loading weights\\nRuntimeError: boom\\n')\n        sys.exit(3)\n    print(json.dumps({{'scores': [0, 1]}}), flush=True)\n"
     );
@@ -290,13 +435,21 @@ fn command_oracle_reports_a_crash_with_its_status_and_stderr() {
 #[test]
 fn command_oracle_times_out_and_kills_a_hung_program() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = script_oracle(&dir, "hang.py", "sys.stdin.readline()\ntime.sleep(120)\n", ",timeout=1");
+    let spec = script_oracle(
+        &dir,
+        "hang.py",
+        "sys.stdin.readline()\ntime.sleep(120)\n",
+        ",timeout=1",
+    );
     let mut oracle = build_oracle(&spec).unwrap();
     let start = Instant::now();
     let batch = vec![strings(&["a", "b"])];
     let e = err_text(oracle.judge(&inputs(&batch)));
     let waited = start.elapsed();
-    assert!(e.contains("no reply to request 0 within 1s") && e.contains("killed"), "{e}");
+    assert!(
+        e.contains("no reply to request 0 within 1s") && e.contains("killed"),
+        "{e}"
+    );
     assert!(waited < Duration::from_secs(10), "took {waited:?}");
 }
 
@@ -307,26 +460,47 @@ fn command_oracle_timeout_kills_the_process() {
     let path = dir.path().join("hang.py");
     std::fs::write(&path, "import time\ntime.sleep(120)\n").unwrap();
     let argv = vec!["python3".to_string(), path.display().to_string()];
-    let mut oracle = CommandOracle::spawn(&argv, Duration::from_millis(300), "hang".into()).unwrap();
+    let mut oracle =
+        CommandOracle::spawn(&argv, Duration::from_millis(300), "hang".into()).unwrap();
     let pid = oracle.pid();
     let batch = vec![strings(&["a", "b"])];
     let e = err_text(oracle.judge(&inputs(&batch)));
     assert!(e.contains("timeout"), "{e}");
     // Killed and reaped: no process (not even a zombie) is left under that id.
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "process {pid} still exists");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "process {pid} still exists"
+    );
 }
 
 #[test]
 fn command_oracle_rejects_garbage_and_a_closed_stdout() {
     let batch = || vec![strings(&["a", "b"])];
-    let e = misbehaving(&format!("{READ_LOOP}    print('Loading model... done', flush=True)\n"), "", batch());
-    assert!(e.contains("reply is not JSON") && e.contains("Loading model... done"), "{e}");
+    let e = misbehaving(
+        &format!("{READ_LOOP}    print('Loading model... done', flush=True)\n"),
+        "",
+        batch(),
+    );
+    assert!(
+        e.contains("reply is not JSON") && e.contains("Loading model... done"),
+        "{e}"
+    );
     // Closes stdout but keeps running: reported (and killed after the grace period), not a hang.
-    let e = misbehaving("sys.stdin.readline()\nos.close(1)\ntime.sleep(60)\n", "", batch());
-    assert!(e.contains("closed its stdout after 0 of 1 replies") && e.contains("killed"), "{e}");
+    let e = misbehaving(
+        "sys.stdin.readline()\nos.close(1)\ntime.sleep(60)\n",
+        "",
+        batch(),
+    );
+    assert!(
+        e.contains("closed its stdout after 0 of 1 replies") && e.contains("killed"),
+        "{e}"
+    );
     // Exits without reading anything.
     let e = misbehaving("sys.exit(0)\n", "", batch());
-    assert!(e.contains("closed its stdout") && e.contains("exit status: 0"), "{e}");
+    assert!(
+        e.contains("closed its stdout") && e.contains("exit status: 0"),
+        "{e}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------- games
@@ -344,7 +518,15 @@ fn rps_payoff_classes_and_exploitability() {
     // rock 0, paper 1, scissors 2: paper beats rock, scissors beat paper, rock beats scissors.
     assert_eq!(g.payoff(), &[0.5, 0.0, 1.0, 1.0, 0.5, 0.0, 0.0, 1.0, 0.5]);
     // First character mod 3: 'T' = 84 → 0, 'I' = 73 → 1, 'S' = 83 → 2; leading spaces skipped; "" → 0.
-    assert_eq!([g.classify("The"), g.classify("  I think"), g.classify("Sure"), g.classify("")], [0, 1, 2, 0]);
+    assert_eq!(
+        [
+            g.classify("The"),
+            g.classify("  I think"),
+            g.classify("Sure"),
+            g.classify("")
+        ],
+        [0, 1, 2, 0]
+    );
     let m = g.matrix(&strings(&["Tea", "Ice", "Sun", "Toast"])).unwrap();
     assert_eq!(m.get(1, 0), 1.0); // paper ≻ rock
     assert_eq!(m.get(2, 1), 1.0); // scissors ≻ paper
@@ -355,10 +537,18 @@ fn rps_payoff_classes_and_exploitability() {
     // Pure rock: paper wins with P 1 → 1 − ½.
     assert_eq!(g.exploitability(&[1.0, 0.0, 0.0]).unwrap(), 0.5);
     // (½, ½, 0): rock ½·½ + ½·0 = ¼, paper ½·1 + ½·½ = ¾, scissors ½·0 + ½·1 = ½ → ¾ − ½.
-    assert!(close(g.exploitability(&[0.5, 0.5, 0.0]).unwrap(), 0.25, 1e-15));
+    assert!(close(
+        g.exploitability(&[0.5, 0.5, 0.0]).unwrap(),
+        0.25,
+        1e-15
+    ));
     // Softened: win = 0.8, pure rock is exploited by paper at 0.8 → 0.3.
     let soft = game("game:rps,win=0.8");
-    assert!(close(soft.exploitability(&[1.0, 0.0, 0.0]).unwrap(), 0.3, 1e-15));
+    assert!(close(
+        soft.exploitability(&[1.0, 0.0, 0.0]).unwrap(),
+        0.3,
+        1e-15
+    ));
     assert_eq!(soft.payoff_at(0, 2), 0.8);
     assert!(close(soft.payoff_at(2, 0), 0.2, 1e-15));
     let e = err_text(g.exploitability(&[0.5, 0.6, 0.0]));
@@ -393,7 +583,11 @@ fn transitive_game_has_a_dominant_class() {
     assert!(close(g.payoff_at(2, 0), sigmoid(2.0), 1e-15));
     assert!(close(g.payoff_at(0, 1), sigmoid(-1.0), 1e-15));
     // Uniform: class 2 wins (½ + σ(1) + σ(2)) / 3 = (0.5 + 0.731059 + 0.880797)/3 = 0.703952.
-    assert!(close(g.exploitability(&[1.0 / 3.0; 3]).unwrap(), 0.20395188553596244, 1e-12));
+    assert!(close(
+        g.exploitability(&[1.0 / 3.0; 3]).unwrap(),
+        0.20395188553596244,
+        1e-12
+    ));
     assert_eq!(g.nash(), Some(vec![0.0, 0.0, 1.0]));
     assert_eq!(g.exploitability(&[0.0, 0.0, 1.0]).unwrap(), 0.0);
     let hard = game("game:transitive,n=4,temp=0");
@@ -420,7 +614,13 @@ fn random_game_is_seeded_and_valid() {
 #[test]
 fn exploitability_is_nonnegative_and_matches_brute_force() {
     let mut rng = Rng(11);
-    for spec in ["game:rps", "game:rps,win=0.7", "game:rps5", "game:transitive,n=5", "game:random,n=6,seed=9"] {
+    for spec in [
+        "game:rps",
+        "game:rps,win=0.7",
+        "game:rps5",
+        "game:transitive,n=5",
+        "game:random,n=6,seed=9",
+    ] {
         let g = game(spec);
         for _ in 0..200 {
             let pi = rng.policy(g.classes());
@@ -430,7 +630,13 @@ fn exploitability_is_nonnegative_and_matches_brute_force() {
             let best_mixed = (0..50)
                 .map(|_| {
                     let y = rng.policy(g.classes());
-                    (0..g.classes()).map(|c| y[c] * (0..g.classes()).map(|d| g.payoff_at(c, d) * pi[d]).sum::<f64>()).sum::<f64>()
+                    (0..g.classes())
+                        .map(|c| {
+                            y[c] * (0..g.classes())
+                                .map(|d| g.payoff_at(c, d) * pi[d])
+                                .sum::<f64>()
+                        })
+                        .sum::<f64>()
                 })
                 .fold(f64::NEG_INFINITY, f64::max);
             assert!(best_mixed - 0.5 <= e + 1e-12, "{spec}");
@@ -447,7 +653,10 @@ fn game_oracle_judges_by_class_and_empirical_policy_counts() {
     assert_eq!(got[1].matrix.get(0, 2), 1.0);
     assert_eq!(got[1].matrix.get(0, 1), 0.5);
     let g = game("game:rps");
-    assert_eq!(g.empirical_policy(&["Tea", "Ice", "Sun", "Sky"]), vec![0.25, 0.25, 0.5]);
+    assert_eq!(
+        g.empirical_policy(&["Tea", "Ice", "Sun", "Sky"]),
+        vec![0.25, 0.25, 0.5]
+    );
 }
 
 // ---------------------------------------------------------------------------------------- win-rate
@@ -480,7 +689,10 @@ fn winrate_k2_by_hand() {
     // pairwise: P̂(y0 ≻ π) = P01 = 0.75, P̂(y1 ≻ π) = 0.25; chosen_probs = P01.
     let r = rank(&p, WinRate::Pairwise).unwrap();
     assert_eq!((r.chosen, r.rejected), (0, 1));
-    assert_eq!((r.chosen_probs, r.chosen_probs_win, r.chosen_probs_lose), (0.75, 0.75, 0.25));
+    assert_eq!(
+        (r.chosen_probs, r.chosen_probs_win, r.chosen_probs_lose),
+        (0.75, 0.75, 0.25)
+    );
     // Reversed preference: the other way round.
     let r = rank(&m(2, &[0.25]), WinRate::Scores).unwrap();
     assert_eq!((r.chosen, r.rejected), (1, 0));
@@ -493,7 +705,11 @@ fn winrate_k3_by_hand() {
     // pairwise: y0 (0.5 + 0.8)/2 = 0.65, y1 (0.5 + 0.6)/2 = 0.55, y2 (0.2 + 0.4)/2 = 0.3.
     let r = rank(&p, WinRate::Pairwise).unwrap();
     assert_eq!((r.chosen, r.rejected), (0, 2));
-    assert!(close(r.win_rates[0], 0.65, 1e-12) && close(r.win_rates[1], 0.55, 1e-12) && close(r.win_rates[2], 0.3, 1e-12));
+    assert!(
+        close(r.win_rates[0], 0.65, 1e-12)
+            && close(r.win_rates[1], 0.55, 1e-12)
+            && close(r.win_rates[2], 0.3, 1e-12)
+    );
     assert_eq!(r.chosen_probs, 0.8);
     assert!(close(r.chosen_probs_win, 0.65, 1e-12) && close(r.chosen_probs_lose, 0.3, 1e-12));
     // scores: logits C01 = 0, C02 = ln 4, C12 = ln 1.5 (and C_ji = −C_ij), so
@@ -519,7 +735,11 @@ fn winrate_ties_break_deterministically() {
         for mode in WinRate::ALL {
             let r = rank(&p, mode).unwrap();
             assert_eq!((r.chosen, r.rejected), (0, k - 1), "{mode} K={k}");
-            assert_eq!((r.chosen_probs, r.chosen_probs_win, r.chosen_probs_lose), (0.5, 0.5, 0.5), "{mode}");
+            assert_eq!(
+                (r.chosen_probs, r.chosen_probs_win, r.chosen_probs_lose),
+                (0.5, 0.5, 0.5),
+                "{mode}"
+            );
         }
     }
     // Two best tied (y0 ~ y1, both beat y2 with 0.9): chosen = 0.
@@ -531,13 +751,23 @@ fn winrate_ties_break_deterministically() {
     // Two worst tied (y0 beats both with 0.9, y1 ~ y2): rejected = 2, the higher index.
     let p = m(3, &[0.9, 0.9, 0.5]);
     for mode in WinRate::ALL {
-        assert_eq!((rank(&p, mode).unwrap().chosen, rank(&p, mode).unwrap().rejected), (0, 2), "{mode}");
+        assert_eq!(
+            (
+                rank(&p, mode).unwrap().chosen,
+                rank(&p, mode).unwrap().rejected
+            ),
+            (0, 2),
+            "{mode}"
+        );
     }
     // Rock-paper-scissors among three: a perfect cycle is a tie.
     let p = m(3, &[0.0, 1.0, 0.0]);
     assert_eq!(reference_scores(&p), vec![0.0, 0.0, 0.0]);
     assert_eq!(argmax_argmin(&[1.0, 3.0, 3.0, 0.0, 0.0]), (1, 4));
-    let e = err_text(rank(&PrefMatrix::new(1, vec![0.5]).unwrap(), WinRate::Scores));
+    let e = err_text(rank(
+        &PrefMatrix::new(1, vec![0.5]).unwrap(),
+        WinRate::Scores,
+    ));
     assert!(e.contains("at least 2 responses"), "{e}");
 }
 
@@ -584,7 +814,10 @@ fn prefmatrix_properties_over_random_inputs() {
             for mode in WinRate::ALL {
                 let r = rank(&pm, mode).unwrap();
                 assert_ne!(r.chosen, r.rejected, "case {case}");
-                assert!(r.chosen_probs_win >= r.chosen_probs_lose, "case {case} {mode}");
+                assert!(
+                    r.chosen_probs_win >= r.chosen_probs_lose,
+                    "case {case} {mode}"
+                );
                 for w in &r.win_rates {
                     assert!((0.0..=1.0).contains(w));
                 }
@@ -627,7 +860,11 @@ fn bradley_terry_matrices_rank_by_their_scores() {
         let mean = s.iter().sum::<f64>() / k as f64;
         let r = rank(&pm, WinRate::Scores).unwrap();
         for i in 0..k {
-            assert!(close(r.scores[i], 2.0 * (s[i] - mean), 1e-6), "{:?} vs {s:?}", r.scores);
+            assert!(
+                close(r.scores[i], 2.0 * (s[i] - mean), 1e-6),
+                "{:?} vs {s:?}",
+                r.scores
+            );
         }
         let (w, l) = argmax_argmin(&s);
         assert_eq!((r.chosen, r.rejected), (w, l));

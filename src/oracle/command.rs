@@ -96,7 +96,9 @@ impl CommandOracle {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("cannot start `{}`", argv.join(" ")))?;
-        let (Some(stdin), Some(stdout), Some(stderr)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
             let _ = child.kill();
             bail!("`{}`: could not open its pipes", argv.join(" "));
         };
@@ -104,42 +106,49 @@ impl CommandOracle {
         let writer_error = Arc::new(Mutex::new(None));
         let (to_child, rx) = mpsc::channel::<Vec<u8>>();
         let err = Arc::clone(&writer_error);
-        thread::Builder::new().name("oracle-stdin".into()).spawn(move || writer_thread(stdin, rx, err))?;
+        thread::Builder::new()
+            .name("oracle-stdin".into())
+            .spawn(move || writer_thread(stdin, rx, err))?;
 
         let (tx, from_child) = mpsc::channel();
-        thread::Builder::new().name("oracle-stdout".into()).spawn(move || {
-            let mut reader = BufReader::new(stdout);
-            loop {
-                let mut line = String::new();
-                match reader.read_line(&mut line) {
-                    Ok(0) => return, // EOF: the receiver sees a disconnect
-                    Ok(_) => {
-                        if tx.send(Ok(line)).is_err() {
+        thread::Builder::new()
+            .name("oracle-stdout".into())
+            .spawn(move || {
+                let mut reader = BufReader::new(stdout);
+                loop {
+                    let mut line = String::new();
+                    match reader.read_line(&mut line) {
+                        Ok(0) => return, // EOF: the receiver sees a disconnect
+                        Ok(_) => {
+                            if tx.send(Ok(line)).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
                             return;
                         }
                     }
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
                 }
-            }
-        })?;
+            })?;
 
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let tail = Arc::clone(&stderr_tail);
-        let stderr_thread = thread::Builder::new().name("oracle-stderr".into()).spawn(move || {
-            let reader = BufReader::new(stderr);
-            for line in reader.split(b'\n') {
-                let Ok(line) = line else { return };
-                if let Ok(mut t) = tail.lock() {
-                    if t.len() == STDERR_TAIL {
-                        t.pop_front();
+        let stderr_thread =
+            thread::Builder::new()
+                .name("oracle-stderr".into())
+                .spawn(move || {
+                    let reader = BufReader::new(stderr);
+                    for line in reader.split(b'\n') {
+                        let Ok(line) = line else { return };
+                        if let Ok(mut t) = tail.lock() {
+                            if t.len() == STDERR_TAIL {
+                                t.pop_front();
+                            }
+                            t.push_back(String::from_utf8_lossy(&line).trim_end().to_string());
+                        }
                     }
-                    t.push_back(String::from_utf8_lossy(&line).trim_end().to_string());
-                }
-            }
-        })?;
+                })?;
 
         Ok(CommandOracle {
             argv: argv.to_vec(),
@@ -195,7 +204,11 @@ impl CommandOracle {
                 self.stderr_thread = Some(h);
             }
         }
-        let lines: Vec<String> = self.stderr_tail.lock().map(|t| t.iter().cloned().collect()).unwrap_or_default();
+        let lines: Vec<String> = self
+            .stderr_tail
+            .lock()
+            .map(|t| t.iter().cloned().collect())
+            .unwrap_or_default();
         if lines.is_empty() {
             "(stderr empty)".to_string()
         } else {
@@ -208,7 +221,10 @@ impl CommandOracle {
         self.to_child = None; // close stdin
         let status = self.reap(grace);
         let stderr = self.stderr_text();
-        let msg = format!("command oracle `{}`: {what}; exit status: {status}; {stderr}", self.command_line());
+        let msg = format!(
+            "command oracle `{}`: {what}; exit status: {status}; {stderr}",
+            self.command_line()
+        );
         self.broken = Some(msg.clone());
         anyhow!(msg)
     }
@@ -224,10 +240,16 @@ impl CommandOracle {
             anyhow!("reply is not JSON{hint}: {e}: {}", truncate(line, 200))
         })?;
         let Value::Object(obj) = &v else {
-            bail!("reply must be a JSON object with `matrix` or `scores`, got {}", truncate(line, 200));
+            bail!(
+                "reply must be a JSON object with `matrix` or `scores`, got {}",
+                truncate(line, 200)
+            );
         };
         if let Some(e) = obj.get("error") {
-            bail!("the oracle reported an error: {}", e.as_str().map_or_else(|| e.to_string(), str::to_string));
+            bail!(
+                "the oracle reported an error: {}",
+                e.as_str().map_or_else(|| e.to_string(), str::to_string)
+            );
         }
         if let Some(got) = obj.get("id") {
             if got.as_u64() != Some(id) {
@@ -243,15 +265,28 @@ impl CommandOracle {
         };
         match (obj.get("matrix"), obj.get("scores")) {
             (Some(m), None) => {
-                let rows = m.as_array().with_context(|| format!("`matrix` must be a list of {k} rows, got {}", truncate(&m.to_string(), 200)))?;
+                let rows = m.as_array().with_context(|| {
+                    format!(
+                        "`matrix` must be a list of {k} rows, got {}",
+                        truncate(&m.to_string(), 200)
+                    )
+                })?;
                 if rows.len() != k {
-                    bail!("`matrix` has {} rows for {k} responses (expected {k}×{k})", rows.len());
+                    bail!(
+                        "`matrix` has {} rows for {k} responses (expected {k}×{k})",
+                        rows.len()
+                    );
                 }
                 let mut p = Vec::with_capacity(k * k);
                 for (i, row) in rows.iter().enumerate() {
-                    let row = row.as_array().with_context(|| format!("`matrix[{i}]` must be a list of {k} numbers, got {row}"))?;
+                    let row = row.as_array().with_context(|| {
+                        format!("`matrix[{i}]` must be a list of {k} numbers, got {row}")
+                    })?;
                     if row.len() != k {
-                        bail!("`matrix[{i}]` has {} entries for {k} responses (expected {k}×{k})", row.len());
+                        bail!(
+                            "`matrix[{i}]` has {} entries for {k} responses (expected {k}×{k})",
+                            row.len()
+                        );
                     }
                     for (j, x) in row.iter().enumerate() {
                         let f = number(x, &format!("matrix[{i}][{j}]"))?;
@@ -264,15 +299,27 @@ impl CommandOracle {
                 Ok(Judgement::from_matrix(PrefMatrix::new(k, p)?))
             }
             (None, Some(s)) => {
-                let list = s.as_array().with_context(|| format!("`scores` must be a list of {k} numbers, got {}", truncate(&s.to_string(), 200)))?;
+                let list = s.as_array().with_context(|| {
+                    format!(
+                        "`scores` must be a list of {k} numbers, got {}",
+                        truncate(&s.to_string(), 200)
+                    )
+                })?;
                 if list.len() != k {
                     bail!("`scores` has {} entries for {k} responses", list.len());
                 }
-                let scores = list.iter().enumerate().map(|(i, x)| number(x, &format!("scores[{i}]"))).collect::<Result<Vec<f64>>>()?;
+                let scores = list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, x)| number(x, &format!("scores[{i}]")))
+                    .collect::<Result<Vec<f64>>>()?;
                 Judgement::from_scores(scores, 1.0)
             }
             (Some(_), Some(_)) => bail!("reply has both `matrix` and `scores`; send one"),
-            (None, None) => bail!("reply has neither `matrix` nor `scores`: {}", truncate(line, 200)),
+            (None, None) => bail!(
+                "reply has neither `matrix` nor `scores`: {}",
+                truncate(line, 200)
+            ),
         }
     }
 }
@@ -289,7 +336,8 @@ impl Oracle for CommandOracle {
         let first_id = self.next_id;
         let mut bytes = Vec::new();
         for (n, x) in batch.iter().enumerate() {
-            let mut req = json!({ "id": first_id + n as u64, "prompt": x.prompt, "responses": x.responses });
+            let mut req =
+                json!({ "id": first_id + n as u64, "prompt": x.prompt, "responses": x.responses });
             if let Some(r) = x.reference {
                 req["reference"] = Value::String(r.to_string());
             }
@@ -297,7 +345,10 @@ impl Oracle for CommandOracle {
             bytes.push(b'\n');
         }
         self.next_id += batch.len() as u64;
-        let sent = self.to_child.as_ref().is_some_and(|tx| tx.send(bytes).is_ok());
+        let sent = self
+            .to_child
+            .as_ref()
+            .is_some_and(|tx| tx.send(bytes).is_ok());
         if !sent {
             return Err(self.fail("its stdin writer stopped".into(), EXIT_GRACE));
         }
@@ -310,7 +361,10 @@ impl Oracle for CommandOracle {
                 Ok(Ok(line)) => line,
                 Ok(Err(e)) => return Err(self.fail(format!("reading reply {id}: {e}"), EXIT_GRACE)),
                 Err(RecvTimeoutError::Timeout) => {
-                    let what = format!("no reply to request {id} within {:?} (timeout; killed it)", self.timeout);
+                    let what = format!(
+                        "no reply to request {id} within {:?} (timeout; killed it)",
+                        self.timeout
+                    );
                     return Err(self.fail(what, Duration::ZERO));
                 }
                 Err(RecvTimeoutError::Disconnected) => {
@@ -329,7 +383,12 @@ impl Oracle for CommandOracle {
             let k = batch[n].responses.len();
             match Self::parse_reply(&line, k, id) {
                 Ok(j) => out.push(j),
-                Err(e) => return Err(self.fail(format!("reply {id} (batch item {n}, {k} responses): {e:#}"), Duration::ZERO)),
+                Err(e) => {
+                    return Err(self.fail(
+                        format!("reply {id} (batch item {n}, {k} responses): {e:#}"),
+                        Duration::ZERO,
+                    ))
+                }
             }
         }
         Ok(out)

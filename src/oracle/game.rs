@@ -120,7 +120,9 @@ impl Game {
                             sigmoid((c as f64 - d as f64) / temp)
                         }
                     }
-                    GameKind::Random { .. } => (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64,
+                    GameKind::Random { .. } => {
+                        (splitmix64(&mut state) >> 11) as f64 / (1u64 << 53) as f64
+                    }
                 };
                 payoff[c * n + d] = a;
                 payoff[d * n + c] = 1.0 - a;
@@ -136,31 +138,63 @@ impl Game {
             "rps5" | "cyclic" => &["n", "win"],
             "transitive" => &["n", "temp"],
             "random" => &["n", "seed"],
-            other => bail!("unknown game `{other}`: choose one of {}", GAME_NAMES.join(", ")),
+            other => bail!(
+                "unknown game `{other}`: choose one of {}",
+                GAME_NAMES.join(", ")
+            ),
         };
         for (k, _) in opts {
             if !allowed.contains(&k.as_str()) {
-                bail!("game `{name}` has no option `{k}` (options: {})", allowed.join(", "));
+                bail!(
+                    "game `{name}` has no option `{k}` (options: {})",
+                    allowed.join(", ")
+                );
             }
         }
         if name == "rps5" && opts.iter().any(|(k, _)| k == "n") {
             bail!("game `rps5` has 5 classes; use `cyclic,n=N` for another size");
         }
-        let get = |key: &str| opts.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+        let get = |key: &str| {
+            opts.iter()
+                .rev()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.as_str())
+        };
         let f64_opt = |key: &str, default: f64| -> Result<f64> {
-            get(key).map_or(Ok(default), |v| v.parse::<f64>().with_context(|| format!("game option {key}={v}: not a number")))
+            get(key).map_or(Ok(default), |v| {
+                v.parse::<f64>()
+                    .with_context(|| format!("game option {key}={v}: not a number"))
+            })
         };
         let usize_opt = |key: &str, default: usize| -> Result<usize> {
-            get(key).map_or(Ok(default), |v| v.parse::<usize>().with_context(|| format!("game option {key}={v}: not a non-negative integer")))
+            get(key).map_or(Ok(default), |v| {
+                v.parse::<usize>()
+                    .with_context(|| format!("game option {key}={v}: not a non-negative integer"))
+            })
         };
         let kind = match name {
-            "rps" => GameKind::Rps { win: f64_opt("win", 1.0)? },
-            "rps5" => GameKind::Cyclic { n: 5, win: f64_opt("win", 1.0)? },
-            "cyclic" => GameKind::Cyclic { n: usize_opt("n", 5)?, win: f64_opt("win", 1.0)? },
-            "transitive" => GameKind::Transitive { n: usize_opt("n", 3)?, temp: f64_opt("temp", 1.0)? },
+            "rps" => GameKind::Rps {
+                win: f64_opt("win", 1.0)?,
+            },
+            "rps5" => GameKind::Cyclic {
+                n: 5,
+                win: f64_opt("win", 1.0)?,
+            },
+            "cyclic" => GameKind::Cyclic {
+                n: usize_opt("n", 5)?,
+                win: f64_opt("win", 1.0)?,
+            },
+            "transitive" => GameKind::Transitive {
+                n: usize_opt("n", 3)?,
+                temp: f64_opt("temp", 1.0)?,
+            },
             _ => GameKind::Random {
                 n: usize_opt("n", 3)?,
-                seed: get("seed").map_or(Ok(0), |v| v.parse::<u64>().with_context(|| format!("game option seed={v}: not a non-negative integer")))?,
+                seed: get("seed").map_or(Ok(0), |v| {
+                    v.parse::<u64>().with_context(|| {
+                        format!("game option seed={v}: not a non-negative integer")
+                    })
+                })?,
             },
         };
         Game::new(kind).with_context(|| format!("game `{name}`"))
@@ -183,7 +217,11 @@ impl Game {
 
     /// The class of a response (module doc: first non-whitespace character's code point mod n).
     pub fn classify(&self, response: &str) -> usize {
-        response.trim_start().chars().next().map_or(0, |ch| ch as usize % self.n)
+        response
+            .trim_start()
+            .chars()
+            .next()
+            .map_or(0, |ch| ch as usize % self.n)
     }
 
     /// The empirical class distribution of a set of responses (uniform weights); all zeros for none.
@@ -201,9 +239,17 @@ impl Game {
 
     fn check_policy(&self, policy: &[f64]) -> Result<()> {
         if policy.len() != self.n {
-            bail!("policy has {} entries, the game has {} classes", policy.len(), self.n);
+            bail!(
+                "policy has {} entries, the game has {} classes",
+                policy.len(),
+                self.n
+            );
         }
-        if let Some((c, p)) = policy.iter().enumerate().find(|(_, p)| !(p.is_finite() && **p >= 0.0)) {
+        if let Some((c, p)) = policy
+            .iter()
+            .enumerate()
+            .find(|(_, p)| !(p.is_finite() && **p >= 0.0))
+        {
             bail!("policy[{c}] = {p} is not a probability");
         }
         let sum: f64 = policy.iter().sum();
@@ -216,7 +262,9 @@ impl Game {
     /// P(c ≻ π) = Σ_d A[c][d] π_d for every class c.
     pub fn class_win_rates(&self, policy: &[f64]) -> Result<Vec<f64>> {
         self.check_policy(policy)?;
-        Ok((0..self.n).map(|c| (0..self.n).map(|d| self.payoff_at(c, d) * policy[d]).sum()).collect())
+        Ok((0..self.n)
+            .map(|c| (0..self.n).map(|d| self.payoff_at(c, d) * policy[d]).sum())
+            .collect())
     }
 
     /// max_c P(c ≻ π) − ½ (module doc); 0 at a Nash equilibrium.
@@ -229,7 +277,9 @@ impl Game {
     /// top class for `transitive`; None for `random`.
     pub fn nash(&self) -> Option<Vec<f64>> {
         match self.kind {
-            GameKind::Rps { .. } | GameKind::Cyclic { .. } => Some(vec![1.0 / self.n as f64; self.n]),
+            GameKind::Rps { .. } | GameKind::Cyclic { .. } => {
+                Some(vec![1.0 / self.n as f64; self.n])
+            }
             GameKind::Transitive { .. } => {
                 let mut p = vec![0.0; self.n];
                 p[self.n - 1] = 1.0;
@@ -273,6 +323,9 @@ impl Oracle for GameOracle {
         self.name.clone()
     }
     fn judge(&mut self, batch: &[OracleInput<'_>]) -> Result<Vec<Judgement>> {
-        batch.iter().map(|x| self.game.matrix(x.responses).map(Judgement::from_matrix)).collect()
+        batch
+            .iter()
+            .map(|x| self.game.matrix(x.responses).map(Judgement::from_matrix))
+            .collect()
     }
 }

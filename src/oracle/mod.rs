@@ -58,7 +58,10 @@ impl PrefMatrix {
     /// diagonal to exactly ½.
     pub fn new(k: usize, mut p: Vec<f64>) -> Result<Self> {
         if p.len() != k * k {
-            bail!("preference matrix has {} entries, expected {k}×{k}", p.len());
+            bail!(
+                "preference matrix has {} entries, expected {k}×{k}",
+                p.len()
+            );
         }
         for i in 0..k {
             for j in 0..k {
@@ -67,7 +70,10 @@ impl PrefMatrix {
                     bail!("preference P[{i}][{j}] = {v} is not a probability in [0, 1]");
                 }
                 if i != j && (v + p[j * k + i] - 1.0).abs() > 1e-6 {
-                    bail!("preferences P[{i}][{j}] = {v} and P[{j}][{i}] = {} do not sum to 1", p[j * k + i]);
+                    bail!(
+                        "preferences P[{i}][{j}] = {v} and P[{j}][{i}] = {} do not sum to 1",
+                        p[j * k + i]
+                    );
                 }
             }
             p[i * k + i] = 0.5;
@@ -115,7 +121,10 @@ impl PrefMatrix {
         let mut p = Vec::with_capacity(k * k);
         for (i, r) in rows.iter().enumerate() {
             if r.len() != k {
-                bail!("preference matrix row {i} has {} entries, expected {k} (a {k}×{k} matrix)", r.len());
+                bail!(
+                    "preference matrix row {i} has {} entries, expected {k} (a {k}×{k} matrix)",
+                    r.len()
+                );
             }
             p.extend_from_slice(r);
         }
@@ -134,13 +143,19 @@ pub struct Judgement {
 impl Judgement {
     /// A matrix-only judgement (pairwise oracles, games).
     pub fn from_matrix(matrix: PrefMatrix) -> Self {
-        Judgement { matrix, scores: None }
+        Judgement {
+            matrix,
+            scores: None,
+        }
     }
 
     /// A score-based judgement: P[i][j] = σ((s_i − s_j) / temperature), scores kept.
     pub fn from_scores(scores: Vec<f64>, temperature: f64) -> Result<Self> {
         let matrix = PrefMatrix::from_scores(&scores, temperature)?;
-        Ok(Judgement { matrix, scores: Some(scores) })
+        Ok(Judgement {
+            matrix,
+            scores: Some(scores),
+        })
     }
 }
 

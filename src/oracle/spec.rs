@@ -33,12 +33,27 @@ pub const DEFAULT_SIMILARITY_TAU: f64 = 0.05;
 /// A parsed oracle spec.
 #[derive(Clone, Debug, PartialEq)]
 pub enum OracleSpec {
-    Similarity { dir: PathBuf, tau: f64 },
-    Reward { dir: PathBuf },
-    Judge { dir: PathBuf, template: Option<PathBuf> },
-    Command { argv: Vec<String>, timeout: Duration },
+    Similarity {
+        dir: PathBuf,
+        tau: f64,
+    },
+    Reward {
+        dir: PathBuf,
+    },
+    Judge {
+        dir: PathBuf,
+        template: Option<PathBuf>,
+    },
+    Command {
+        argv: Vec<String>,
+        timeout: Duration,
+    },
     /// `name` and `options` as written (for display); `game` parsed from them.
-    Game { name: String, options: Vec<(String, String)>, game: Game },
+    Game {
+        name: String,
+        options: Vec<(String, String)>,
+        game: Game,
+    },
 }
 
 /// A path or value as a spec token: quoted when it holds a comma or starts with a quote.
@@ -56,8 +71,14 @@ impl fmt::Display for OracleSpec {
     /// The canonical spec: parsing it gives the same [`OracleSpec`].
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            OracleSpec::Similarity { dir, tau } => write!(f, "similarity:{},tau={tau}", quote_if_needed(&dir.to_string_lossy())),
-            OracleSpec::Reward { dir } => write!(f, "reward:{}", quote_if_needed(&dir.to_string_lossy())),
+            OracleSpec::Similarity { dir, tau } => write!(
+                f,
+                "similarity:{},tau={tau}",
+                quote_if_needed(&dir.to_string_lossy())
+            ),
+            OracleSpec::Reward { dir } => {
+                write!(f, "reward:{}", quote_if_needed(&dir.to_string_lossy()))
+            }
             OracleSpec::Judge { dir, template } => {
                 write!(f, "judge:{}", quote_if_needed(&dir.to_string_lossy()))?;
                 if let Some(t) = template {
@@ -66,7 +87,8 @@ impl fmt::Display for OracleSpec {
                 Ok(())
             }
             OracleSpec::Command { argv, timeout } => {
-                let cmd = shlex::try_join(argv.iter().map(String::as_str)).unwrap_or_else(|_| argv.join(" "));
+                let cmd = shlex::try_join(argv.iter().map(String::as_str))
+                    .unwrap_or_else(|_| argv.join(" "));
                 write!(f, "command:\"{cmd}\",timeout={}", timeout.as_secs_f64())
             }
             OracleSpec::Game { name, options, .. } => {
@@ -153,14 +175,20 @@ fn only_options(kind: &str, opts: &[(String, String)], allowed: &[&str]) -> Resu
             if allowed.is_empty() {
                 bail!("`{kind}` takes no options, got `{k}`");
             }
-            bail!("`{kind}` has no option `{k}` (options: {})", allowed.join(", "));
+            bail!(
+                "`{kind}` has no option `{k}` (options: {})",
+                allowed.join(", ")
+            );
         }
     }
     Ok(())
 }
 
 fn option<'a>(opts: &'a [(String, String)], key: &str) -> Option<&'a str> {
-    opts.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    opts.iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
 }
 
 fn dir_arg(kind: &str, arg: &str) -> Result<PathBuf> {
@@ -180,7 +208,10 @@ impl OracleSpec {
     fn parse_inner(spec: &str) -> Result<OracleSpec> {
         let spec = spec.trim();
         let Some((kind, rest)) = spec.split_once(':') else {
-            bail!("expected KIND:ARGUMENT with KIND one of {}", ORACLE_KINDS.join(", "));
+            bail!(
+                "expected KIND:ARGUMENT with KIND one of {}",
+                ORACLE_KINDS.join(", ")
+            );
         };
         match kind {
             "similarity" => {
@@ -188,35 +219,49 @@ impl OracleSpec {
                 only_options(kind, &opts, &["tau"])?;
                 let tau = match option(&opts, "tau") {
                     None => DEFAULT_SIMILARITY_TAU,
-                    Some(v) => v.parse::<f64>().with_context(|| format!("tau={v}: not a number"))?,
+                    Some(v) => v
+                        .parse::<f64>()
+                        .with_context(|| format!("tau={v}: not a number"))?,
                 };
                 if !(tau.is_finite() && tau > 0.0) {
                     bail!("tau must be a positive temperature, got {tau}");
                 }
-                Ok(OracleSpec::Similarity { dir: dir_arg(kind, &arg)?, tau })
+                Ok(OracleSpec::Similarity {
+                    dir: dir_arg(kind, &arg)?,
+                    tau,
+                })
             }
             "reward" => {
                 let (arg, opts) = split_arg_options(rest)?;
                 only_options(kind, &opts, &[])?;
-                Ok(OracleSpec::Reward { dir: dir_arg(kind, &arg)? })
+                Ok(OracleSpec::Reward {
+                    dir: dir_arg(kind, &arg)?,
+                })
             }
             "judge" => {
                 let (arg, opts) = split_arg_options(rest)?;
                 only_options(kind, &opts, &["template"])?;
                 let template = option(&opts, "template").map(PathBuf::from);
-                Ok(OracleSpec::Judge { dir: dir_arg(kind, &arg)?, template })
+                Ok(OracleSpec::Judge {
+                    dir: dir_arg(kind, &arg)?,
+                    template,
+                })
             }
             "command" => {
                 let (cmd, opts) = split_command(rest)?;
                 only_options(kind, &opts, &["timeout"])?;
-                let argv = shlex::split(&cmd).with_context(|| format!("cannot split the command `{cmd}` into words (unbalanced quotes?)"))?;
+                let argv = shlex::split(&cmd).with_context(|| {
+                    format!("cannot split the command `{cmd}` into words (unbalanced quotes?)")
+                })?;
                 if argv.is_empty() {
                     bail!("`command:` needs a program, e.g. command:\"python3 scripts/oracles/length_judge.py\"");
                 }
                 let timeout = match option(&opts, "timeout") {
                     None => super::command::DEFAULT_TIMEOUT,
                     Some(v) => {
-                        let secs = v.parse::<f64>().with_context(|| format!("timeout={v}: not a number of seconds"))?;
+                        let secs = v
+                            .parse::<f64>()
+                            .with_context(|| format!("timeout={v}: not a number of seconds"))?;
                         if !(secs.is_finite() && secs > 0.0) {
                             bail!("timeout must be a positive number of seconds, got {v}");
                         }
@@ -228,9 +273,16 @@ impl OracleSpec {
             "game" => {
                 let (name, opts) = split_arg_options(rest)?;
                 let game = Game::parse(&name, &opts)?;
-                Ok(OracleSpec::Game { name, options: opts, game })
+                Ok(OracleSpec::Game {
+                    name,
+                    options: opts,
+                    game,
+                })
             }
-            other => bail!("unknown oracle kind `{other}`: choose one of {}", ORACLE_KINDS.join(", ")),
+            other => bail!(
+                "unknown oracle kind `{other}`: choose one of {}",
+                ORACLE_KINDS.join(", ")
+            ),
         }
     }
 
@@ -249,18 +301,18 @@ impl OracleSpec {
     pub fn build(&self) -> Result<Box<dyn Oracle>> {
         let name = self.to_string();
         match self {
-            OracleSpec::Command { argv, timeout } => Ok(Box::new(CommandOracle::spawn(argv, *timeout, name)?)),
+            OracleSpec::Command { argv, timeout } => {
+                Ok(Box::new(CommandOracle::spawn(argv, *timeout, name)?))
+            }
             OracleSpec::Game { game, .. } => Ok(Box::new(GameOracle::new(game.clone(), name))),
-            OracleSpec::Similarity { .. } | OracleSpec::Reward { .. } | OracleSpec::Judge { .. } => build_model_oracle(self),
+            OracleSpec::Similarity { .. }
+            | OracleSpec::Reward { .. }
+            | OracleSpec::Judge { .. } => build_model_oracle(self),
         }
     }
 }
 
-/// The model-based oracles, built by their own modules. On this branch those modules do not exist;
-/// at merge the three arms become:
-/// `Similarity { dir, tau } => Ok(Box::new(super::similarity::SimilarityOracle::load(dir, *tau)?))`,
-/// `Reward { dir } => Ok(Box::new(super::reward::RewardOracle::load(dir)?))`,
-/// `Judge { dir, template } => Ok(Box::new(super::judge::JudgeOracle::load(dir, template.clone())?))`.
+/// The model-based oracles, built by their own modules (they load weights on the CPU backend).
 fn build_model_oracle(spec: &OracleSpec) -> Result<Box<dyn Oracle>> {
     Ok(match spec {
         OracleSpec::Similarity { dir, tau } => Box::new(super::similarity::SimilarityOracle::load(dir, *tau)?),
@@ -273,5 +325,7 @@ fn build_model_oracle(spec: &OracleSpec) -> Result<Box<dyn Oracle>> {
 /// Parses `spec` and builds its oracle.
 pub fn build_oracle(spec: &str) -> Result<Box<dyn Oracle>> {
     let parsed = OracleSpec::parse(spec)?;
-    parsed.build().with_context(|| format!("building oracle `{spec}`"))
+    parsed
+        .build()
+        .with_context(|| format!("building oracle `{spec}`"))
 }

@@ -96,7 +96,10 @@ pub fn reference_scores(m: &PrefMatrix) -> Vec<f64> {
     let k = m.k();
     (0..k)
         .map(|i| {
-            let sum: f64 = (0..k).filter(|&j| j != i).map(|j| clamped_logit(m.get(i, j)) - clamped_logit(m.get(j, i))).sum();
+            let sum: f64 = (0..k)
+                .filter(|&j| j != i)
+                .map(|j| clamped_logit(m.get(i, j)) - clamped_logit(m.get(j, i)))
+                .sum();
             sum / k as f64
         })
         .collect()
@@ -128,7 +131,9 @@ pub fn rank(m: &PrefMatrix, mode: WinRate) -> Result<Ranking> {
             let s = reference_scores(m);
             // P̂_ij = σ(s_i − s_j); row means with the diagonal ½ included (compute_prob.py).
             let phat = |i: usize, j: usize| if i == j { 0.5 } else { sigmoid(s[i] - s[j]) };
-            let win_rates: Vec<f64> = (0..k).map(|i| (0..k).map(|j| phat(i, j)).sum::<f64>() / k as f64).collect();
+            let win_rates: Vec<f64> = (0..k)
+                .map(|i| (0..k).map(|j| phat(i, j)).sum::<f64>() / k as f64)
+                .collect();
             let (w, l) = argmax_argmin(&s);
             Ok(Ranking {
                 chosen: w,
@@ -141,8 +146,11 @@ pub fn rank(m: &PrefMatrix, mode: WinRate) -> Result<Ranking> {
             })
         }
         WinRate::Pairwise => {
-            let win_rates: Vec<f64> =
-                (0..k).map(|i| (0..k).filter(|&j| j != i).map(|j| m.get(i, j)).sum::<f64>() / (k - 1) as f64).collect();
+            let win_rates: Vec<f64> = (0..k)
+                .map(|i| {
+                    (0..k).filter(|&j| j != i).map(|j| m.get(i, j)).sum::<f64>() / (k - 1) as f64
+                })
+                .collect();
             let (w, l) = argmax_argmin(&win_rates);
             Ok(Ranking {
                 chosen: w,
