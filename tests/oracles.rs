@@ -202,12 +202,11 @@ fn spec_errors_say_what_was_expected() {
     assert!(e.contains("timeout must be a positive"), "{e}");
     let e = err_text(OracleSpec::parse("judge:j,template"));
     assert!(e.contains("key=value"), "{e}");
-    // The model oracles live in other modules; this branch says so instead of pretending.
+    // A model oracle whose directory does not exist names the spec and the missing file.
     let e = err_text(build_oracle("similarity:models/minilm"));
-    assert!(
-        e.contains("oracle kind `similarity` is not built in this branch"),
-        "{e}"
-    );
+    assert!(e.contains("similarity:models/minilm") && e.contains("config.json"), "{e}");
+    let e = err_text(build_oracle("reward:/nonexistent/rm"));
+    assert!(e.contains("/nonexistent/rm"), "{e}");
     let e = err_text(build_oracle("command:/nonexistent/judge-program"));
     assert!(
         e.contains("cannot start `/nonexistent/judge-program`"),
