@@ -88,6 +88,7 @@ pub fn print_skip(test: &str, reason: &str) {
 
 /// `let dev = gpu_or_skip!("name");` (with `#[macro_use] mod common;`) opens CUDA device 0, or prints why there is none and returns
 /// from the test (which passes). A GPU that is present but cannot be opened fails the test.
+#[allow(unused_macros)]
 macro_rules! gpu_or_skip {
     ($test:expr) => {{
         if let Some(reason) = sppo::backend::cuda::probe().unavailable_reason() {
