@@ -263,13 +263,18 @@ fn cmd_generate(a: GenerateArgs, threads: Option<usize>) -> Result<()> {
             .map(|o| codec.tokenizer.decode(&o.tokens, true).map_err(|e| anyhow::anyhow!("decoding: {e}")))
             .collect::<Result<_>>()?;
         let prompt_text = r.messages.last().map(|m| m.content.clone()).unwrap_or_default();
-        lines.push(serde_json::json!({
+        let mut line = serde_json::json!({
             "prompt_id": r.id,
             "prompt": prompt_text,
             "responses": responses,
             "finish_reasons": outs.iter().map(|o| o.finish.as_str()).collect::<Vec<_>>(),
             "num_tokens": outs.iter().map(|o| o.tokens.len()).collect::<Vec<_>>(),
-        }));
+        });
+        // Carried through so `sppo rank` can use it (the similarity oracle needs one).
+        if let (Some(reference), Some(obj)) = (&r.reference, line.as_object_mut()) {
+            obj.insert("reference".into(), reference.clone().into());
+        }
+        lines.push(line);
     }
     match &a.out {
         Some(path) => {
