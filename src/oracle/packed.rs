@@ -11,8 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::path::Path;
 
 /// Default token budget of one packed forward: large enough to keep the matrix products efficient,
-/// small enough that the activations (kept per layer, see [`last_row_outputs`]) stay in the
-/// hundreds of MB for a 135M model and a few GB for a 7B one.
+/// small enough that the activations stay in the hundreds of MB for a 135M model and a few GB for
+/// a 7B one (per token: every layer's input, L×C, plus one layer's full activations).
 pub const DEFAULT_MAX_BATCH_TOKENS: usize = 4096;
 
 /// Loads `<dir>/tokenizer.json`, naming the file when it is missing or unreadable.
@@ -61,7 +61,8 @@ pub fn last_row_outputs<B: Backend>(
         let batch = Batch::from_sequences(group.iter().map(|s| (s.as_slice(), s.len())))?;
         let longest = group.iter().map(Vec::len).max().unwrap_or(0);
         model.ensure_positions(b, longest)?;
-        // Recompute mode keeps one layer's activations, not all of them (no backward follows).
+        // Recompute mode keeps each layer's input and one layer's activations, not every layer's
+        // (no backward follows).
         let mut acts = Activations::new(b, &model.cfg, batch.len(), true)?;
         model.forward_hidden(b, &batch, &mut acts).with_context(|| format!("forward over sequences {start}..{end}"))?;
         let last: Vec<u32> = batch.seqs.iter().map(|s| (s.q_start + s.q_len - 1) as u32).collect();
