@@ -177,3 +177,59 @@ pub fn generate<B: Backend>(
         .map(|(i, o)| o.ok_or_else(|| anyhow::anyhow!("internal: request {i} was never finished")))
         .collect()
 }
+
+/// Generates `num_samples` responses for each prompt record (chat template + generation prompt)
+/// and returns the output lines `{prompt_id, prompt, responses, finish_reasons, num_tokens,
+/// reference?}` and the number of generated tokens. Stops on `opts.eos_ids` plus the model
+/// directory's generation_config EOS ids and the template's end-of-turn token.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_records<B: Backend>(
+    b: &B,
+    model: &mut Llama<B>,
+    codec: &crate::logprobs::TextCodec,
+    model_dir: &std::path::Path,
+    records: &[crate::prompts::PromptRecord],
+    num_samples: u32,
+    mut opts: GenOptions,
+    on_token: impl FnMut(usize),
+) -> Result<(Vec<serde_json::Value>, usize)> {
+    let gen_cfg = crate::config::GenerationConfig::from_model_dir(model_dir)?.unwrap_or_default();
+    let defaults = if gen_cfg.eos_token_ids.is_empty() { model.cfg.eos_token_ids.clone() } else { gen_cfg.eos_token_ids };
+    for id in defaults.into_iter().chain([codec.end_of_turn]) {
+        if !opts.eos_ids.contains(&id) {
+            opts.eos_ids.push(id);
+        }
+    }
+    let mut requests = Vec::new();
+    for r in records {
+        let ids = crate::chat::encode_chat(&codec.tokenizer, &codec.template, &r.messages, true)
+            .map_err(|e| e.context(format!("prompt {}", r.id)))?;
+        for s in 0..num_samples {
+            requests.push(GenRequest { prompt_id: r.id.clone(), sample_index: s, prompt_ids: ids.clone() });
+        }
+    }
+    let outputs = generate(b, model, &requests, &opts, on_token)?;
+    let total = outputs.iter().map(|o| o.tokens.len()).sum();
+    let k = num_samples as usize;
+    let mut lines = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        let outs = &outputs[i * k..(i + 1) * k];
+        let responses: Vec<String> = outs
+            .iter()
+            .map(|o| codec.tokenizer.decode(&o.tokens, true).map_err(|e| anyhow::anyhow!("decoding: {e}")))
+            .collect::<Result<_>>()?;
+        let mut line = serde_json::json!({
+            "prompt_id": r.id,
+            "prompt": r.messages.last().map(|m| m.content.clone()).unwrap_or_default(),
+            "responses": responses,
+            "finish_reasons": outs.iter().map(|o| o.finish.as_str()).collect::<Vec<_>>(),
+            "num_tokens": outs.iter().map(|o| o.tokens.len()).collect::<Vec<_>>(),
+        });
+        // Carried through so `sppo rank` can use it (the similarity oracle needs one).
+        if let (Some(reference), Some(obj)) = (&r.reference, line.as_object_mut()) {
+            obj.insert("reference".into(), reference.clone().into());
+        }
+        lines.push(line);
+    }
+    Ok((lines, total))
+}

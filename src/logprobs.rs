@@ -30,6 +30,30 @@ pub struct TextCodec {
     pub end_of_turn: u32,
 }
 
+impl TextCodec {
+    /// Tokenizer + chat template of a model directory, checked against the model's vocabulary;
+    /// `None` when the directory has no tokenizer.json (token-id inputs still work).
+    pub fn from_model_dir(dir: &Path, vocab: usize) -> Result<Option<TextCodec>> {
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Ok(None);
+        }
+        let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: cannot load the tokenizer: {e}", tok_path.display()))?;
+        let tv = tokenizer.get_vocab_size(true);
+        if tv > vocab {
+            bail!("{}: the tokenizer has {tv} tokens but the model's vocabulary is {vocab}: tokenizer and model do not match", tok_path.display());
+        }
+        let Some(template) = ChatTemplate::from_model_dir(dir)? else {
+            bail!("{}: no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)", dir.display());
+        };
+        let eos_text = template.special_tokens().eos_token.clone().with_context(|| format!("{}: the chat template has no eos_token", dir.display()))?;
+        let end_of_turn = tokenizer
+            .token_to_id(&eos_text)
+            .with_context(|| format!("{}: eos token {eos_text:?} is not in the vocabulary", tok_path.display()))?;
+        Ok(Some(TextCodec { tokenizer, template, end_of_turn }))
+    }
+}
+
 fn ids_field(v: &Value, key: &str, line: usize, file: &Path) -> Result<Vec<u32>> {
     let arr = v.get(key).and_then(Value::as_array).with_context(|| format!("{}:{line}: `{key}` must be a list of token ids", file.display()))?;
     arr.iter()

@@ -3,15 +3,14 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sppo::backend::cpu::CpuBackend;
-use sppo::chat::{encode_chat, ChatTemplate, Message};
-use sppo::config::GenerationConfig;
-use sppo::generate::{generate, GenOptions, GenRequest};
+use sppo::chat::Message;
+use sppo::generate::{generate_records, GenOptions};
 use sppo::logprobs::{output_line, parse_example, score, TextCodec};
 use sppo::model::Llama;
 use sppo::prompts::{load_prompts_limit, PromptRecord};
 use sppo::sampling::SamplingParams;
 use std::io::{BufRead, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Parser)]
 #[command(name = "sppo", version, about = "Self-Play Preference Optimization for Llama/Mistral models")]
@@ -35,6 +34,8 @@ enum Cmd {
     Rank(RankArgs),
     /// Train π_{t+1} from π_t on ranked data (our `rank` output or the reference pipeline's Parquet).
     Train(TrainArgs),
+    /// The SPPO loop: sample, rank, train for N iterations (resumable).
+    Run(RunArgs),
     /// Show the devices sppo can use.
     Info,
 }
@@ -153,6 +154,18 @@ struct TrainArgs {
     config: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// A TOML file with the run keys (flags win).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the run in this directory (its config.json is reused).
+    #[arg(long)]
+    resume: Option<PathBuf>,
+    #[command(flatten)]
+    keys: sppo::run::config::RunKeys,
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -176,33 +189,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Logprobs(a) => cmd_logprobs(a, cli.threads),
         Cmd::Rank(a) => cmd_rank(a),
         Cmd::Train(a) => cmd_train(a, cli.threads),
+        Cmd::Run(a) => cmd_run(a, cli.threads),
         Cmd::Info => {
             println!("cpu: {} threads", rayon::current_num_threads());
             println!("cuda: {}", sppo::backend::cuda::probe());
             Ok(())
         }
     }
-}
-
-/// Tokenizer + chat template of a model directory, checked against the model's vocabulary.
-fn load_codec(dir: &Path, vocab: usize) -> Result<Option<TextCodec>> {
-    let tok_path = dir.join("tokenizer.json");
-    if !tok_path.exists() {
-        return Ok(None);
-    }
-    let tokenizer = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| anyhow::anyhow!("{}: cannot load the tokenizer: {e}", tok_path.display()))?;
-    let tv = tokenizer.get_vocab_size(true);
-    if tv > vocab {
-        bail!("{}: the tokenizer has {tv} tokens but the model's vocabulary is {vocab}: tokenizer and model do not match", tok_path.display());
-    }
-    let Some(template) = ChatTemplate::from_model_dir(dir)? else {
-        bail!("{}: no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)", dir.display());
-    };
-    let eos_text = template.special_tokens().eos_token.clone().with_context(|| format!("{}: the chat template has no eos_token", dir.display()))?;
-    let end_of_turn = tokenizer
-        .token_to_id(&eos_text)
-        .with_context(|| format!("{}: eos token {eos_text:?} is not in the vocabulary", tok_path.display()))?;
-    Ok(Some(TextCodec { tokenizer, template, end_of_turn }))
 }
 
 fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
@@ -217,7 +210,7 @@ fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
 fn cmd_generate(a: GenerateArgs, threads: Option<usize>) -> Result<()> {
     let b = CpuBackend::new(threads)?;
     let mut model = Llama::load(&b, &a.model)?;
-    let codec = load_codec(&a.model, model.cfg.vocab_size)?
+    let codec = TextCodec::from_model_dir(&a.model, model.cfg.vocab_size)?
         .with_context(|| format!("{}: generation needs tokenizer.json", a.model.display()))?;
     let records: Vec<PromptRecord> = match (&a.prompt, &a.prompts) {
         (Some(p), None) => vec![PromptRecord { id: "0".into(), messages: vec![Message { role: "user".into(), content: p.clone() }], reference: None }],
@@ -227,55 +220,21 @@ fn cmd_generate(a: GenerateArgs, threads: Option<usize>) -> Result<()> {
         _ => bail!("give --prompt TEXT or --prompts FILE"),
     };
     let sampling = SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, min_p: a.min_p };
-    let gen_cfg = GenerationConfig::from_model_dir(&a.model)?.unwrap_or_default();
-    let mut eos_ids = if gen_cfg.eos_token_ids.is_empty() { model.cfg.eos_token_ids.clone() } else { gen_cfg.eos_token_ids.clone() };
-    if !eos_ids.contains(&codec.end_of_turn) {
-        eos_ids.push(codec.end_of_turn);
-    }
-    let mut requests = Vec::new();
-    for r in &records {
-        let ids = encode_chat(&codec.tokenizer, &codec.template, &r.messages, true).with_context(|| format!("prompt {}", r.id))?;
-        for s in 0..a.num_samples {
-            requests.push(GenRequest { prompt_id: r.id.clone(), sample_index: s, prompt_ids: ids.clone() });
-        }
-    }
     let opts = GenOptions {
         sampling,
         max_new_tokens: a.max_new_tokens,
-        eos_ids,
+        eos_ids: vec![],
         seed: a.seed,
         iteration: 0,
         batch_size: a.batch_size,
         max_prefill_tokens: 4096,
     };
-    let pb = progress_bar((requests.len() * a.max_new_tokens) as u64, "tokens");
+    let pb = progress_bar((records.len() * a.num_samples as usize * a.max_new_tokens) as u64, "tokens");
     let start = std::time::Instant::now();
-    let outputs = generate(&b, &mut model, &requests, &opts, |n| pb.inc(n as u64))?;
+    let (lines, total) = generate_records(&b, &mut model, &codec, &a.model, &records, a.num_samples, opts, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
-    let total: usize = outputs.iter().map(|o| o.tokens.len()).sum();
     eprintln!("generated {total} tokens in {:.1} s ({:.1} tokens/s)", start.elapsed().as_secs_f64(), total as f64 / start.elapsed().as_secs_f64());
 
-    let mut lines = Vec::new();
-    for (i, r) in records.iter().enumerate() {
-        let outs = &outputs[i * a.num_samples as usize..(i + 1) * a.num_samples as usize];
-        let responses: Vec<String> = outs
-            .iter()
-            .map(|o| codec.tokenizer.decode(&o.tokens, true).map_err(|e| anyhow::anyhow!("decoding: {e}")))
-            .collect::<Result<_>>()?;
-        let prompt_text = r.messages.last().map(|m| m.content.clone()).unwrap_or_default();
-        let mut line = serde_json::json!({
-            "prompt_id": r.id,
-            "prompt": prompt_text,
-            "responses": responses,
-            "finish_reasons": outs.iter().map(|o| o.finish.as_str()).collect::<Vec<_>>(),
-            "num_tokens": outs.iter().map(|o| o.tokens.len()).collect::<Vec<_>>(),
-        });
-        // Carried through so `sppo rank` can use it (the similarity oracle needs one).
-        if let (Some(reference), Some(obj)) = (&r.reference, line.as_object_mut()) {
-            obj.insert("reference".into(), reference.clone().into());
-        }
-        lines.push(line);
-    }
     match &a.out {
         Some(path) => {
             let mut text = String::new();
@@ -302,7 +261,7 @@ fn cmd_generate(a: GenerateArgs, threads: Option<usize>) -> Result<()> {
 fn cmd_logprobs(a: LogprobsArgs, threads: Option<usize>) -> Result<()> {
     let b = CpuBackend::new(threads)?;
     let mut model = Llama::load(&b, &a.model)?;
-    let codec = load_codec(&a.model, model.cfg.vocab_size)?;
+    let codec = TextCodec::from_model_dir(&a.model, model.cfg.vocab_size)?;
     let f = std::fs::File::open(&a.data).with_context(|| format!("{}: cannot open", a.data.display()))?;
     let mut examples = Vec::new();
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
@@ -368,7 +327,7 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
     let cfg = RunConfig::resolve(&placeholder.overridden_by(&file_keys).overridden_by(&a.keys))?;
     let b = CpuBackend::new(threads)?;
     let mut model = Llama::load(&b, &a.model)?;
-    let codec = load_codec(&a.model, model.cfg.vocab_size)?.with_context(|| format!("{}: training on text needs tokenizer.json", a.model.display()))?;
+    let codec = TextCodec::from_model_dir(&a.model, model.cfg.vocab_size)?.with_context(|| format!("{}: training on text needs tokenizer.json", a.model.display()))?;
     let tok = Tokenization {
         tokenizer: &codec.tokenizer,
         template: &codec.template,
@@ -408,5 +367,23 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
     model.save_pretrained(&b, &a.out, Some(&a.model), dtype)?;
     sppo::io::write_atomic(&a.out.join("metrics.jsonl"), metrics.as_bytes())?;
     eprintln!("checkpoint and metrics.jsonl: {}", a.out.display());
+    Ok(())
+}
+
+fn cmd_run(a: RunArgs, threads: Option<usize>) -> Result<()> {
+    use sppo::run::config::{RunConfig, RunKeys};
+    let mut keys = match &a.config {
+        Some(p) => RunKeys::from_toml_file(p)?,
+        None => RunKeys::default(),
+    };
+    if let Some(dir) = &a.resume {
+        // The stored resolved config is the source of truth; flags may not change it.
+        let p = dir.join("config.json");
+        let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read (is {} a run directory?)", p.display(), dir.display()))?;
+        keys = serde_json::from_str(&text).with_context(|| format!("{}: not a run configuration", p.display()))?;
+    }
+    let cfg = RunConfig::resolve(&keys.overridden_by(&a.keys))?;
+    let last = sppo::run::run(&cfg, a.resume.is_some(), threads)?;
+    eprintln!("done: last checkpoint {}\nmetrics: {}", last.display(), cfg.run_dir.join("metrics.jsonl").display());
     Ok(())
 }

@@ -130,12 +130,14 @@ impl RunKeys {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum WinrateEstimate {
     Scores,
     Pairwise,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum TrainOn {
     BestWorst,
     All,
