@@ -17,5 +17,6 @@ pub mod ops;
 
 pub use device::{probe, CudaDevice, GpuProbe};
 pub use error::CudaError;
+pub use ops::attention::AttentionVariant;
 pub use ops::rmsnorm::RmsNormVariant;
 pub mod host;

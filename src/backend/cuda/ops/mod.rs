@@ -1,5 +1,6 @@
 //! Kernel launchers, one module per concern (`kernels/<concern>.cu`).
 
+pub mod attention;
 pub mod rmsnorm;
 
 /// Element types the kernels are written for.
