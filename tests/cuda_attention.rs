@@ -183,14 +183,15 @@ fn max_abs(v: &[f32]) -> f32 {
     v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
 }
 
-/// Relative tolerance per dtype of the kernels' outputs (T-typed ones: out, dq, dk, dv): f32
-/// differs from the reference only in summation order; bf16 adds one rounding on store (at most
-/// 2^-9 relative) to that. The absolute part, scaled by the tensor's largest element, covers
+/// (rtol, atol as a fraction of the tensor's largest element) of the kernels' T-typed outputs
+/// (out, dq, dk, dv). f32 differs from the reference only in summation order. bf16 adds one
+/// rounding on store: half an ulp, at most 2^-8 relative (just above a power of two, with 8
+/// significant bits), so rtol 5e-3 leaves room for the f32 part only. The absolute part covers
 /// elements that cancel to near zero.
 fn tolerance(dtype: DType) -> (f32, f32) {
     match dtype {
         DType::F32 => (1e-4, 2e-6),
-        DType::Bf16 => (4e-3, 1e-4),
+        DType::Bf16 => (5e-3, 1e-4),
     }
 }
 

@@ -559,7 +559,8 @@ pub fn attention_backward<T: Element>(
         let d_tiles = dev.upload(&launch.tiles)?;
         let func = dev.function(&ATTENTION, launch.kernel)?;
         let mut b = stream.launch_builder(&func);
-        b.arg(&mut *dk).arg(&mut *dv).arg(dout).arg(q).arg(k).arg(v).arg(lse).arg(&delta_view).arg(&d_seqs).arg(&d_tiles);
+        b.arg(&mut *dk).arg(&mut *dv).arg(dout).arg(q).arg(k).arg(v);
+        b.arg(lse).arg(&delta_view).arg(&d_seqs).arg(&d_tiles);
         b.arg(&a.n_heads).arg(&a.n_kv_heads).arg(&a.head_dim).arg(&a.scale).arg(&a.causal).arg(&a.window);
         // SAFETY: attention_backward_dkdv_{f32,bf16}_{naive,fused}(T* dk, T* dv, const T* dout,
         // const T* q, const T* k, const T* v, const float* lse, const float* delta,
