@@ -1,6 +1,7 @@
 //! Kernel launchers, one module per concern (`kernels/<concern>.cu`).
 
 pub mod attention;
+pub mod logprobs;
 pub mod rmsnorm;
 
 /// Element types the kernels are written for.
