@@ -164,13 +164,23 @@ struct RunArgs {
     resume: Option<PathBuf>,
     #[command(flatten)]
     keys: sppo::run::config::RunKeys,
+    /// Print errors only.
+    #[arg(long, conflicts_with_all = ["verbose", "log_json"])]
+    quiet: bool,
+    /// Print a line per optimizer step and stage timings too.
+    #[arg(long, conflicts_with = "log_json")]
+    verbose: bool,
+    /// Print one JSON object per event on stderr (stage start/end, step metrics, evaluation).
+    #[arg(long)]
+    log_json: bool,
 }
 
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // Distinct statuses for a NaN/Inf stop (3), too little memory (4), a full disk (5).
+        std::process::exit(sppo::run::exit_code(&e));
     }
 }
 
@@ -383,7 +393,15 @@ fn cmd_run(a: RunArgs, threads: Option<usize>) -> Result<()> {
         keys = serde_json::from_str(&text).with_context(|| format!("{}: not a run configuration", p.display()))?;
     }
     let cfg = RunConfig::resolve(&keys.overridden_by(&a.keys))?;
-    let last = sppo::run::run(&cfg, a.resume.is_some(), threads)?;
-    eprintln!("done: last checkpoint {}\nmetrics: {}", last.display(), cfg.run_dir.join("metrics.jsonl").display());
+    use sppo::run::report::{LogMode, Reporter};
+    let mode = match (a.quiet, a.verbose, a.log_json) {
+        (true, _, _) => LogMode::Quiet,
+        (_, _, true) => LogMode::Json,
+        (_, true, _) => LogMode::Verbose,
+        _ => LogMode::Normal,
+    };
+    let report = Reporter::new(mode);
+    let last = sppo::run::run(&cfg, a.resume.is_some(), threads, &report)?;
+    report.info(&format!("done: last checkpoint {}\nmetrics: {}", last.display(), cfg.run_dir.join("metrics.jsonl").display()));
     Ok(())
 }
