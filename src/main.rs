@@ -137,9 +137,8 @@ struct RankArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Policy to start from; also the frozen reference π_t.
-    #[arg(long)]
-    model: PathBuf,
+    // `--model` (the policy to start from; also the frozen reference π_t) is one of the run keys:
+    // a second definition here made clap panic.
     /// Ranked data: JSONL (`sppo rank` output) or Parquet (prompt, chosen, rejected, chosen_probs*).
     #[arg(long)]
     data: PathBuf,
@@ -325,10 +324,11 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
         Some(p) => RunKeys::from_toml_file(p)?,
         None => RunKeys::default(),
     };
+    let model_dir = a.keys.model.clone().or_else(|| file_keys.model.clone()).context("`--model DIR` is required")?;
     // `model`, `prompts`, `oracle`, `run_dir` are not used by `train`: fill them so the shared
     // resolver validates the training keys.
     let placeholder = RunKeys {
-        model: Some(a.model.clone()),
+        model: Some(model_dir.clone()),
         prompts: Some(a.data.clone()),
         oracle: Some("-".into()),
         run_dir: Some(a.out.clone()),
@@ -336,8 +336,8 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
     };
     let cfg = RunConfig::resolve(&placeholder.overridden_by(&file_keys).overridden_by(&a.keys))?;
     let b = CpuBackend::new(threads)?;
-    let mut model = Llama::load(&b, &a.model)?;
-    let codec = TextCodec::from_model_dir(&a.model, model.cfg.vocab_size)?.with_context(|| format!("{}: training on text needs tokenizer.json", a.model.display()))?;
+    let mut model = Llama::load(&b, &model_dir)?;
+    let codec = TextCodec::from_model_dir(&model_dir, model.cfg.vocab_size)?.with_context(|| format!("{}: training on text needs tokenizer.json", model_dir.display()))?;
     let tok = Tokenization {
         tokenizer: &codec.tokenizer,
         template: &codec.template,
@@ -374,7 +374,7 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
     pb.finish_and_clear();
     let dtype = if cfg.save_dtype == "bf16" { sppo::model::weights::SaveDtype::Bf16 } else { sppo::model::weights::SaveDtype::F32 };
     // The checkpoint replaces the directory atomically; the metrics are written back into it.
-    model.save_pretrained(&b, &a.out, Some(&a.model), dtype)?;
+    model.save_pretrained(&b, &a.out, Some(&model_dir), dtype)?;
     sppo::io::write_atomic(&a.out.join("metrics.jsonl"), metrics.as_bytes())?;
     eprintln!("checkpoint and metrics.jsonl: {}", a.out.display());
     Ok(())

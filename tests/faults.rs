@@ -336,7 +336,8 @@ fn full_disk_during_a_checkpoint_or_state_save_loses_nothing() {
 
     // The second state save of iteration 2 (step 3) fails: the state of step 2 stays.
     let (config, run_b) = write_config(tmp.path(), "b", "");
-    let limit = state_bytes.to_string();
+    // (state.json's length varies by a few digits between steps: leave it room.)
+    let limit = (state_bytes + 200).to_string();
     let envs = [("SPPO_FAIL_WRITES_AFTER_BYTES", limit.as_str()), ("SPPO_FAIL_WRITES_MATCHING", "iter-2/.train")];
     let out = run_sppo(&["run", "--config", config.to_str().unwrap()], &envs, &run_b, KillAt::Never);
     assert_eq!(out.code, Some(5), "{}", out.stderr);
@@ -367,14 +368,19 @@ fn overflowing_weights_stop_the_run_naming_step_and_tensor() {
             resume(&run_dir, KillAt::Never, &[])
         };
         assert_eq!(out.code, Some(3), "{attempt}: {}", out.stderr);
-        for m in ["iteration 1", "step 2", "non-finite", "model.", "optimizer state of step 1", "nothing of this step was saved"] {
-            assert!(out.stderr.contains(m), "{attempt}: the error should mention {m:?}:\n{}", out.stderr);
+        let error = out.stderr.lines().find(|l| l.starts_with("error:")).unwrap_or_default();
+        // The first step with a gradient after the warm-up step blows up (which one depends on the
+        // sampled data): every step before it was saved (save_steps = 1), it was not.
+        let bad: u64 = error.split("step ").nth(2).and_then(|t| t.split(':').next()).and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{attempt}: no step in {error}"));
+        assert!(bad >= 2, "{error}");
+        for m in ["iteration 1", "non-finite", "after the update is inf", "model.", &format!("optimizer state of step {}", bad - 1), "nothing of this step was saved"] {
+            assert!(error.contains(m), "{attempt}: the error should mention {m:?}:\n{}", out.stderr);
         }
-        assert_eq!(saved_step(&run_dir, 1), Some(1), "the last good optimizer state was lost");
+        assert_eq!(saved_step(&run_dir, 1), Some(bad - 1), "the last good optimizer state was lost");
         assert!(!run_dir.join("iter-1/checkpoint").exists());
         assert!(std::fs::read(tmp.path().join("model/model.safetensors")).unwrap() == base);
         let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
-        assert_eq!(metrics.lines().count(), 1, "only the good step is in the metrics: {metrics}");
+        assert_eq!(metrics.lines().count() as u64, bad - 1, "only the good steps are in the metrics: {metrics}");
     }
 }
 
