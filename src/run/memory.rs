@@ -108,7 +108,7 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
         "T" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
         _ => return None,
     };
-    (value.is_finite() && value >= 0.0).then(|| (value * scale) as u64)
+    (value.is_finite() && value >= 0.0).then_some((value * scale) as u64)
 }
 
 fn read_u64(path: &str) -> Option<u64> {

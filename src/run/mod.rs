@@ -374,6 +374,11 @@ fn sample(
     report: &Reporter,
 ) -> Result<usize> {
     let partial = dir.join("generations.partial.jsonl");
+    let final_path = dir.join("generations.jsonl");
+    // Killed after the complete log was renamed but before the manifest recorded it: nothing to redo.
+    if final_path.exists() && !partial.exists() {
+        std::fs::rename(&final_path, &partial).with_context(|| format!("renaming {} to {}", final_path.display(), partial.display()))?;
+    }
     let shard = generation_shard(cfg);
     let mut done = read_append_log(&partial)?;
     // Only whole shards count: a kill mid-append may have left part of one.
@@ -412,7 +417,6 @@ fn sample(
     }
     pb.finish_and_clear();
     drop(file);
-    let final_path = dir.join("generations.jsonl");
     std::fs::rename(&partial, &final_path).with_context(|| format!("renaming {} to {}", partial.display(), final_path.display()))?;
     let total = done.iter().map(|l| l["num_tokens"].as_array().map_or(0, |n| n.iter().filter_map(Value::as_u64).sum::<u64>() as usize)).sum();
     report.detail(&format!("iteration {t}: {total} tokens sampled ({new_tokens} by this process)"));

@@ -419,7 +419,7 @@ impl<B: Backend> Trainer<B> {
                     header.insert(name.clone(), serde_json::json!({"dtype": "F32", "shape": [n], "data_offsets": [lo, hi]}));
                 }
                 let mut text = serde_json::Value::Object(header).to_string();
-                while text.len() % 8 != 0 {
+                while !text.len().is_multiple_of(8) {
                     text.push(' ');
                 }
                 let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
