@@ -150,6 +150,9 @@ pub fn response_logprobs_from<B: Backend>(
     Ok(())
 }
 
+/// ∂loss/∂(summed log-prob) of each response, per example, from the policy's summed log-probs.
+type LossGradFn<'a> = dyn Fn(&[Vec<f64>]) -> Result<Vec<Vec<f64>>> + 'a;
+
 /// Packs examples' sequences, runs forward (and backward with `dseq` when given), and returns
 /// per-example per-response summed log-probs.
 fn forward_sums<B: Backend>(
@@ -157,7 +160,7 @@ fn forward_sums<B: Backend>(
     model: &mut Llama<B>,
     examples: &[TrainExample],
     recompute: bool,
-    backward: Option<(&dyn Fn(&[Vec<f64>]) -> Result<Vec<Vec<f64>>>, &mut B::Buf)>,
+    backward: Option<(&LossGradFn<'_>, &mut B::Buf)>,
 ) -> Result<Vec<Vec<f64>>> {
     let mut seqs: Vec<(Vec<u32>, usize)> = Vec::new();
     for (e, ex) in examples.iter().enumerate() {
@@ -269,7 +272,7 @@ impl<B: Backend> Trainer<B> {
         ensure!(settings.micro_batch > 0 && settings.accumulation > 0, "micro batch and accumulation must be at least 1");
         let total_steps = settings.steps_per_epoch(examples) * settings.epochs as usize;
         let schedule = Schedule::new(settings.schedule, settings.learning_rate, total_steps, Warmup::Ratio(settings.warmup_ratio))?;
-        let optimizer = Optimizer::new(b, settings.optimizer.clone(), model.layout.total)?;
+        let optimizer = Optimizer::new(b, settings.optimizer, model.layout.total)?;
         let grads = model.alloc_grads(b)?;
         Ok(Trainer { settings, schedule, optimizer, grads, total_steps, steps_done: 0, skipped: 0, spike: SpikeStats::default() })
     }
