@@ -137,9 +137,8 @@ struct RankArgs {
 
 #[derive(Args)]
 struct TrainArgs {
-    /// Policy to start from; also the frozen reference π_t.
-    #[arg(long)]
-    model: PathBuf,
+    // `--model` (the policy to start from; also the frozen reference π_t) is one of the run keys:
+    // a second definition here made clap panic.
     /// Ranked data: JSONL (`sppo rank` output) or Parquet (prompt, chosen, rejected, chosen_probs*).
     #[arg(long)]
     data: PathBuf,
@@ -164,13 +163,23 @@ struct RunArgs {
     resume: Option<PathBuf>,
     #[command(flatten)]
     keys: sppo::run::config::RunKeys,
+    /// Print errors only.
+    #[arg(long, conflicts_with_all = ["verbose", "log_json"])]
+    quiet: bool,
+    /// Print a line per optimizer step and stage timings too.
+    #[arg(long, conflicts_with = "log_json")]
+    verbose: bool,
+    /// Print one JSON object per event on stderr (stage start/end, step metrics, evaluation).
+    #[arg(long)]
+    log_json: bool,
 }
 
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        // Distinct statuses for a NaN/Inf stop (3), too little memory (4), a full disk (5).
+        std::process::exit(sppo::run::exit_code(&e));
     }
 }
 
@@ -315,10 +324,11 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
         Some(p) => RunKeys::from_toml_file(p)?,
         None => RunKeys::default(),
     };
+    let model_dir = a.keys.model.clone().or_else(|| file_keys.model.clone()).context("`--model DIR` is required")?;
     // `model`, `prompts`, `oracle`, `run_dir` are not used by `train`: fill them so the shared
     // resolver validates the training keys.
     let placeholder = RunKeys {
-        model: Some(a.model.clone()),
+        model: Some(model_dir.clone()),
         prompts: Some(a.data.clone()),
         oracle: Some("-".into()),
         run_dir: Some(a.out.clone()),
@@ -326,8 +336,8 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
     };
     let cfg = RunConfig::resolve(&placeholder.overridden_by(&file_keys).overridden_by(&a.keys))?;
     let b = CpuBackend::new(threads)?;
-    let mut model = Llama::load(&b, &a.model)?;
-    let codec = TextCodec::from_model_dir(&a.model, model.cfg.vocab_size)?.with_context(|| format!("{}: training on text needs tokenizer.json", a.model.display()))?;
+    let mut model = Llama::load(&b, &model_dir)?;
+    let codec = TextCodec::from_model_dir(&model_dir, model.cfg.vocab_size)?.with_context(|| format!("{}: training on text needs tokenizer.json", model_dir.display()))?;
     let tok = Tokenization {
         tokenizer: &codec.tokenizer,
         template: &codec.template,
@@ -364,7 +374,7 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
     pb.finish_and_clear();
     let dtype = if cfg.save_dtype == "bf16" { sppo::model::weights::SaveDtype::Bf16 } else { sppo::model::weights::SaveDtype::F32 };
     // The checkpoint replaces the directory atomically; the metrics are written back into it.
-    model.save_pretrained(&b, &a.out, Some(&a.model), dtype)?;
+    model.save_pretrained(&b, &a.out, Some(&model_dir), dtype)?;
     sppo::io::write_atomic(&a.out.join("metrics.jsonl"), metrics.as_bytes())?;
     eprintln!("checkpoint and metrics.jsonl: {}", a.out.display());
     Ok(())
@@ -383,7 +393,15 @@ fn cmd_run(a: RunArgs, threads: Option<usize>) -> Result<()> {
         keys = serde_json::from_str(&text).with_context(|| format!("{}: not a run configuration", p.display()))?;
     }
     let cfg = RunConfig::resolve(&keys.overridden_by(&a.keys))?;
-    let last = sppo::run::run(&cfg, a.resume.is_some(), threads)?;
-    eprintln!("done: last checkpoint {}\nmetrics: {}", last.display(), cfg.run_dir.join("metrics.jsonl").display());
+    use sppo::run::report::{LogMode, Reporter};
+    let mode = match (a.quiet, a.verbose, a.log_json) {
+        (true, _, _) => LogMode::Quiet,
+        (_, _, true) => LogMode::Json,
+        (_, true, _) => LogMode::Verbose,
+        _ => LogMode::Normal,
+    };
+    let report = Reporter::new(mode);
+    let last = sppo::run::run(&cfg, a.resume.is_some(), threads, &report)?;
+    report.info(&format!("done: last checkpoint {}\nmetrics: {}", last.display(), cfg.run_dir.join("metrics.jsonl").display()));
     Ok(())
 }

@@ -191,3 +191,78 @@ fn missing_prompt_file_and_bad_flags() {
     let model = model_copy(tmp.path());
     expect_error(&["logprobs", "--model", model.to_str().unwrap(), "--data", "/nonexistent/x.jsonl"], &["/nonexistent/x.jsonl"]);
 }
+
+/// A tiny causal model with SmolLM2's tokenizer and chat template (what `run` and `train` need).
+fn chat_model(tmp: &Path) -> PathBuf {
+    let dst = tmp.join("chat_model");
+    std::fs::create_dir_all(&dst).unwrap();
+    for src in ["tests/fixtures/reward/smollm2_judge/model", "tests/fixtures/chat/smollm2"] {
+        for e in std::fs::read_dir(repo_root().join(src)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    dst
+}
+
+#[test]
+fn run_config_with_unknown_keys_or_impossible_values() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = tmp.path().join("sppo.toml");
+    let base = "model = 'm'\nprompts = 'p.jsonl'\noracle = 'game:rps'\nrun_dir = 'r'\n";
+    write(&cfg, &format!("{base}learning_rat = 1e-6\n"));
+    expect_error(&["run", "--config", cfg.to_str().unwrap()], &["sppo.toml", "learning_rat"]);
+    write(&cfg, &format!("{base}iterations = 'three'\n"));
+    expect_error(&["run", "--config", cfg.to_str().unwrap()], &["sppo.toml", "iterations"]);
+    for (extra, want) in [
+        ("learning_rate = -1e-6", "learning_rate"),
+        ("max_length = 512\nmax_prompt_length = 512", "no room for a response"),
+        ("skip_spike_factor = 0.5", "skip_spike_factor"),
+        ("num_samples = 1", "num_samples"),
+        ("save_steps = 0", "save_steps"),
+        ("loss_type = 'kto'", "loss_type"),
+    ] {
+        write(&cfg, &format!("{base}{extra}\n"));
+        expect_error(&["run", "--config", cfg.to_str().unwrap()], &[want]);
+    }
+    // A flag is checked as its key is.
+    write(&cfg, base);
+    expect_error(&["run", "--config", cfg.to_str().unwrap(), "--warmup-ratio", "2"], &["warmup_ratio"]);
+}
+
+#[test]
+fn training_data_missing_a_column_names_the_line_and_column() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = chat_model(tmp.path());
+    let data = tmp.path().join("ranked.jsonl");
+    write(&data, "{\"prompt\": \"hi\", \"chosen\": \"a\", \"rejected\": \"b\", \"chosen_probs\": 0.6, \"chosen_probs_win\": 0.7, \"chosen_probs_lose\": 0.3}\n{\"prompt\": \"yo\", \"chosen\": \"a\", \"chosen_probs\": 0.6}\n");
+    let out = tmp.path().join("out");
+    expect_error(
+        &["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(), "--out", out.to_str().unwrap()],
+        &["ranked.jsonl:2", "rejected"],
+    );
+    assert!(!out.join("model.safetensors").exists());
+}
+
+#[test]
+fn run_prompts_without_text_or_without_room_for_a_response() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = chat_model(tmp.path());
+    let prompts = tmp.path().join("prompts.jsonl");
+    let cfg = tmp.path().join("sppo.toml");
+    let run = |name: &str| {
+        write(
+            &cfg,
+            &format!(
+                "model = {model:?}\nprompts = {prompts:?}\noracle = 'game:rps'\nrun_dir = {:?}\niterations = 1\nnum_samples = 2\nmax_new_tokens = 4\n",
+                tmp.path().join(name)
+            ),
+        );
+        cfg.to_str().unwrap().to_string()
+    };
+    write(&prompts, "{\"id\": \"a\", \"text\": \"hello\"}\n");
+    expect_error(&["run", "--config", &run("r1")], &["prompts.jsonl"]);
+    // 3000 words: more tokens than the model's 2048-token context.
+    write(&prompts, &format!("{{\"id\": \"long\", \"prompt\": \"{}\"}}\n", "word ".repeat(3000)));
+    expect_error(&["run", "--config", &run("r2")], &["long", "no room for a response"]);
+}

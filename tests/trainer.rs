@@ -39,6 +39,7 @@ fn settings(loss: LossType) -> TrainSettings {
         seed: 7,
         iteration: 1,
         recompute: false,
+        skip_spike_factor: 0.0,
     }
 }
 
@@ -106,4 +107,74 @@ fn every_loss_trains_and_nan_is_caught() {
     let mut t = Trainer::new(&b, &m, settings(LossType::Sppo), ex.len()).unwrap();
     let err = format!("{:#}", t.run(&b, &mut m, &ex, &reference, |_, _, _| Ok(())).unwrap_err());
     assert!(err.contains("step 1") && err.contains("NaN"), "{err}");
+}
+
+#[test]
+fn spike_guard_skips_updates_and_resumes_with_its_counts() {
+    let b = CpuBackend::new(Some(2)).unwrap();
+    let ex = examples();
+    let mut m = model(&b);
+    let reference = response_logprobs(&b, &mut m, &ex, 1 << 20, |_| {}).unwrap();
+    // A factor below 1 calls every step a spike once the guard has its 5 warm-up steps.
+    let mut s = settings(LossType::Sppo);
+    s.skip_spike_factor = 1e-9;
+    let mut t = Trainer::new(&b, &m, s.clone(), ex.len()).unwrap();
+    let mut after_five = vec![];
+    let mut flags = vec![];
+    t.run(&b, &mut m, &ex, &reference, |st, _, mm| {
+        flags.push((st.step, st.skipped, st.skipped_steps));
+        if st.step == 5 {
+            after_five = b.download(&mm.params)?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(flags, vec![(1, false, 0), (2, false, 0), (3, false, 0), (4, false, 0), (5, false, 0), (6, true, 1), (7, true, 2), (8, true, 3)]);
+    assert_eq!(b.download(&m.params).unwrap(), after_five, "a skipped update changed the weights");
+    assert_eq!((t.step(), t.skipped(), t.optimizer.steps()), (8, 3, 5));
+
+    // Saved after the first skip and resumed: the same counts and weights.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut m2 = model(&b);
+    let mut t2 = Trainer::new(&b, &m2, s.clone(), ex.len()).unwrap();
+    let r = t2.run(&b, &mut m2, &ex, &reference, |st, tr, mm| {
+        if st.step == 6 {
+            tr.save_state(&b, mm, &tmp.path().join("state"))?;
+            anyhow::bail!("simulated crash");
+        }
+        Ok(())
+    });
+    assert!(r.is_err());
+    let mut m3 = model(&b);
+    let mut t3 = Trainer::new(&b, &m3, s, ex.len()).unwrap();
+    t3.load_state(&b, &mut m3, &tmp.path().join("state")).unwrap();
+    assert_eq!((t3.step(), t3.skipped(), t3.optimizer.steps()), (6, 1, 5));
+    t3.run(&b, &mut m3, &ex, &reference, |_, _, _| Ok(())).unwrap();
+    assert_eq!((t3.skipped(), b.download(&m3.params).unwrap()), (3, after_five));
+}
+
+#[test]
+fn non_finite_gradient_names_the_first_tensor() {
+    let b = CpuBackend::new(Some(2)).unwrap();
+    let ex = examples();
+    let mut m = model(&b);
+    let reference = response_logprobs(&b, &mut m, &ex, 1 << 20, |_| {}).unwrap();
+    // A final-norm gain of 1e37 keeps the forward finite but overflows the backward.
+    let norm = m.layout.get("model.norm.weight").unwrap().range();
+    let mut params = b.download(&m.params).unwrap();
+    params[norm.start] = 1e37;
+    b.write(&mut m.params, 0, &params).unwrap();
+    let mut t = Trainer::new(&b, &m, settings(LossType::Sppo), ex.len()).unwrap();
+    let mut saved = 0;
+    let err = t.run(&b, &mut m, &ex, &reference, |_, _, _| {
+        saved += 1;
+        Ok(())
+    });
+    let err = err.unwrap_err();
+    let nf = err.downcast_ref::<sppo::train::trainer::NonFinite>().expect("a NonFinite error");
+    assert_eq!(nf.step, 1, "{err:#}");
+    assert!(nf.tensor.as_deref().is_some_and(|t| t.starts_with("model.")), "{err:#}");
+    assert!(format!("{err:#}").contains("first parameter with a non-finite gradient"), "{err:#}");
+    assert_eq!(saved, 0, "a bad step reached after_step");
+    assert_eq!(b.download(&m.params).unwrap(), params, "a bad step changed the weights");
 }

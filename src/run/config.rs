@@ -106,6 +106,10 @@ pub struct RunKeys {
     /// Checkpoint dtype: f32 | bf16.
     #[arg(long)]
     pub save_dtype: Option<String>,
+    /// Spike guard: skip an update whose loss or grad norm is above this factor × its running
+    /// average (counted as `skipped_steps` in metrics.jsonl); 0 (the default) disables it.
+    #[arg(long)]
+    pub skip_spike_factor: Option<f64>,
 }
 
 impl RunKeys {
@@ -179,6 +183,7 @@ pub struct RunConfig {
     pub gradient_checkpointing: bool,
     pub save_steps: usize,
     pub save_dtype: String,
+    pub skip_spike_factor: f64,
 }
 
 fn one_of(key: &str, value: &str, choices: &[&str]) -> Result<String> {
@@ -248,6 +253,7 @@ impl RunConfig {
             gradient_checkpointing: k.gradient_checkpointing.unwrap_or(false),
             save_steps: k.save_steps.unwrap_or(50),
             save_dtype: one_of("save_dtype", k.save_dtype.as_deref().unwrap_or("f32"), &["f32", "bf16"])?,
+            skip_spike_factor: k.skip_spike_factor.unwrap_or(0.0),
         };
         c.validate()?;
         Ok(c)
@@ -278,6 +284,9 @@ impl RunConfig {
             if v == 0 {
                 bail!("`{key}` must be at least 1");
             }
+        }
+        if !(self.skip_spike_factor == 0.0 || (self.skip_spike_factor.is_finite() && self.skip_spike_factor > 1.0)) {
+            bail!("`skip_spike_factor` must be 0 (off) or above 1, got {}", self.skip_spike_factor);
         }
         if !(0.0..1.0).contains(&self.warmup_ratio) {
             bail!("`warmup_ratio` must be in [0, 1), got {}", self.warmup_ratio);

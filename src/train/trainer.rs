@@ -12,7 +12,7 @@ use super::schedule::{Schedule, ScheduleKind, Warmup};
 use crate::backend::Backend;
 use crate::model::{Activations, Batch, Llama};
 use crate::rng::{RngKey, Stream};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 
 /// One prompt's trained responses and what their log-ratios regress onto.
@@ -56,6 +56,30 @@ pub struct TrainSettings {
     pub seed: u64,
     pub iteration: u32,
     pub recompute: bool,
+    /// Spike guard: skip an update whose loss or grad norm exceeds this factor × its running
+    /// average (after [`SPIKE_WARMUP_STEPS`] applied steps); 0 disables it.
+    pub skip_spike_factor: f64,
+}
+
+/// Applied steps the spike guard waits for before its running averages are trusted.
+pub const SPIKE_WARMUP_STEPS: usize = 5;
+/// Weight of the newest applied step in the spike guard's running averages (an EMA).
+const SPIKE_EMA_WEIGHT: f64 = 0.1;
+
+/// A loss, gradient or updated parameter turned NaN/Inf: training stops before anything of that
+/// step is handed to `after_step`, so no saved state or checkpoint sees it.
+#[derive(Debug, thiserror::Error)]
+#[error("step {step}: {what} is {value}{}; nothing of this step was saved", match tensor {
+    Some(t) => format!(" (first parameter with a non-finite gradient: {t})"),
+    None => String::new(),
+})]
+pub struct NonFinite {
+    pub step: usize,
+    /// "the loss", "the gradient norm", "parameter ... after the update".
+    pub what: String,
+    pub value: f64,
+    /// The first tensor, in layout order, whose gradient holds a NaN/Inf.
+    pub tensor: Option<String>,
 }
 
 impl TrainSettings {
@@ -82,13 +106,36 @@ pub struct StepMetrics {
     pub tokens: usize,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+    /// This step's update was skipped by the spike guard.
+    pub skipped: bool,
+    /// Updates skipped so far in this training run (iteration).
+    pub skipped_steps: usize,
 }
 
 /// Summed response log-probs of every response of every example under `model` (the reference
 /// π_t, computed once per iteration), packed into micro-batches of at most `max_batch_tokens`.
 pub fn response_logprobs<B: Backend>(b: &B, model: &mut Llama<B>, examples: &[TrainExample], max_batch_tokens: usize, mut progress: impl FnMut(usize)) -> Result<Vec<Vec<f64>>> {
     let mut out: Vec<Vec<f64>> = Vec::with_capacity(examples.len());
-    let mut i = 0;
+    response_logprobs_from(b, model, examples, 0, max_batch_tokens, |_, sums| {
+        progress(sums.len());
+        out.extend_from_slice(sums);
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// [`response_logprobs`] from example `start` on, handing each packed batch's results to
+/// `on_batch(first example, sums)`. Packing is greedy from `start`, so resuming at a batch
+/// boundary packs (and computes) exactly as an uninterrupted pass.
+pub fn response_logprobs_from<B: Backend>(
+    b: &B,
+    model: &mut Llama<B>,
+    examples: &[TrainExample],
+    start: usize,
+    max_batch_tokens: usize,
+    mut on_batch: impl FnMut(usize, &[Vec<f64>]) -> Result<()>,
+) -> Result<()> {
+    let mut i = start;
     while i < examples.len() {
         let mut j = i;
         let mut tokens = 0;
@@ -97,12 +144,14 @@ pub fn response_logprobs<B: Backend>(b: &B, model: &mut Llama<B>, examples: &[Tr
             j += 1;
         }
         let sums = forward_sums(b, model, &examples[i..j], false, None)?;
-        out.extend(sums);
-        progress(j - i);
+        on_batch(i, &sums)?;
         i = j;
     }
-    Ok(out)
+    Ok(())
 }
+
+/// ∂loss/∂(summed log-prob) of each response, per example, from the policy's summed log-probs.
+type LossGradFn<'a> = dyn Fn(&[Vec<f64>]) -> Result<Vec<Vec<f64>>> + 'a;
 
 /// Packs examples' sequences, runs forward (and backward with `dseq` when given), and returns
 /// per-example per-response summed log-probs.
@@ -111,7 +160,7 @@ fn forward_sums<B: Backend>(
     model: &mut Llama<B>,
     examples: &[TrainExample],
     recompute: bool,
-    backward: Option<(&dyn Fn(&[Vec<f64>]) -> Result<Vec<Vec<f64>>>, &mut B::Buf)>,
+    backward: Option<(&LossGradFn<'_>, &mut B::Buf)>,
 ) -> Result<Vec<Vec<f64>>> {
     let mut seqs: Vec<(Vec<u32>, usize)> = Vec::new();
     for (e, ex) in examples.iter().enumerate() {
@@ -178,13 +227,43 @@ pub fn epoch_order(n: usize, seed: u64, iteration: u32, epoch: u32) -> Result<Ve
     Ok(order)
 }
 
-/// Where the trainer is: optimizer steps done. The optimizer holds the step count too.
+/// The spike guard's running averages of applied steps (saved with the optimizer state).
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Deserialize, Serialize)]
+pub struct SpikeStats {
+    pub loss_avg: f64,
+    pub grad_norm_avg: f64,
+    /// Applied steps averaged so far.
+    pub count: usize,
+}
+
+impl SpikeStats {
+    /// Whether a step with these figures is a spike under `factor` (0 = guard off).
+    pub fn is_spike(&self, factor: f64, loss: f64, grad_norm: f64) -> bool {
+        factor > 0.0 && self.count >= SPIKE_WARMUP_STEPS && (loss > factor * self.loss_avg || grad_norm > factor * self.grad_norm_avg)
+    }
+
+    fn add(&mut self, loss: f64, grad_norm: f64) {
+        if self.count == 0 {
+            (self.loss_avg, self.grad_norm_avg) = (loss, grad_norm);
+        } else {
+            self.loss_avg += SPIKE_EMA_WEIGHT * (loss - self.loss_avg);
+            self.grad_norm_avg += SPIKE_EMA_WEIGHT * (grad_norm - self.grad_norm_avg);
+        }
+        self.count += 1;
+    }
+}
+
+/// Where the trainer is: steps done (applied or skipped by the spike guard; the optimizer counts
+/// only the applied ones, for AdamW's bias correction).
 pub struct Trainer<B: Backend> {
     pub settings: TrainSettings,
     pub schedule: Schedule,
     pub optimizer: Optimizer<B>,
     pub grads: B::Buf,
     pub total_steps: usize,
+    steps_done: usize,
+    skipped: usize,
+    spike: SpikeStats,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -193,14 +272,29 @@ impl<B: Backend> Trainer<B> {
         ensure!(settings.micro_batch > 0 && settings.accumulation > 0, "micro batch and accumulation must be at least 1");
         let total_steps = settings.steps_per_epoch(examples) * settings.epochs as usize;
         let schedule = Schedule::new(settings.schedule, settings.learning_rate, total_steps, Warmup::Ratio(settings.warmup_ratio))?;
-        let optimizer = Optimizer::new(b, settings.optimizer.clone(), model.layout.total)?;
+        let optimizer = Optimizer::new(b, settings.optimizer, model.layout.total)?;
         let grads = model.alloc_grads(b)?;
-        Ok(Trainer { settings, schedule, optimizer, grads, total_steps })
+        Ok(Trainer { settings, schedule, optimizer, grads, total_steps, steps_done: 0, skipped: 0, spike: SpikeStats::default() })
     }
 
-    /// Steps already taken (a resumed trainer starts here).
+    /// Steps already taken, applied or skipped (a resumed trainer starts here).
     pub fn step(&self) -> usize {
-        self.optimizer.steps() as usize
+        self.steps_done
+    }
+
+    /// Updates skipped by the spike guard so far.
+    pub fn skipped(&self) -> usize {
+        self.skipped
+    }
+
+    /// The first parameter tensor (layout order) whose values in `buf` hold a NaN/Inf.
+    fn first_nonfinite_tensor(b: &B, model: &Llama<B>, buf: &B::Buf) -> Result<Option<String>> {
+        for e in &model.layout.entries {
+            if !b.grad_norm_sq(b.view(buf, e.range()))?.is_finite() {
+                return Ok(Some(e.name.clone()));
+            }
+        }
+        Ok(None)
     }
 
     /// Runs optimizer steps from the current one to the end, calling `after_step` with each
@@ -252,11 +346,31 @@ impl<B: Backend> Trainer<B> {
                 rejected_lr += st.2;
             }
             if !loss.is_finite() {
-                bail!("step {}: the loss is {loss} (a NaN/Inf log-prob or target); stopping with the last good checkpoint kept", step + 1);
+                let tensor = Self::first_nonfinite_tensor(b, model, &self.grads)?;
+                return Err(NonFinite { step: step + 1, what: "the loss (a NaN/Inf log-prob or target)".into(), value: loss, tensor }.into());
             }
-            let grad_norm = clip_grad_norm(b, &mut self.grads, s.max_grad_norm).with_context(|| format!("step {}", step + 1))?;
+            // The norm before clipping, accumulated in f64 (as clip_grad_norm).
+            let grad_norm = b.grad_norm_sq(b.full(&self.grads)).with_context(|| format!("step {}: gradient norm", step + 1))?.sqrt();
+            if !grad_norm.is_finite() {
+                let tensor = Self::first_nonfinite_tensor(b, model, &self.grads)?;
+                return Err(NonFinite { step: step + 1, what: "the gradient norm".into(), value: grad_norm, tensor }.into());
+            }
             let lr = self.schedule.lr_at(step);
-            self.optimizer.step(b, &mut model.params, &self.grads, lr)?;
+            let skipped = self.spike.is_spike(s.skip_spike_factor, loss, grad_norm);
+            if skipped {
+                self.skipped += 1;
+            } else {
+                clip_grad_norm(b, &mut self.grads, s.max_grad_norm).with_context(|| format!("step {}", step + 1))?;
+                self.optimizer.step(b, &mut model.params, &self.grads, lr)?;
+                // An update that overflows (a learning rate far too high) must not reach a saved state.
+                let params_sq = b.grad_norm_sq(b.full(&model.params))?;
+                if !params_sq.is_finite() {
+                    let tensor = Self::first_nonfinite_tensor(b, model, &model.params)?.unwrap_or_else(|| "?".into());
+                    return Err(NonFinite { step: step + 1, what: format!("parameter {tensor} after the update"), value: params_sq, tensor: None }.into());
+                }
+                self.spike.add(loss, grad_norm);
+            }
+            self.steps_done = step + 1;
             let secs = step_start.elapsed().as_secs_f64();
             let m = StepMetrics {
                 step: step + 1,
@@ -270,6 +384,8 @@ impl<B: Backend> Trainer<B> {
                 tokens,
                 tokens_per_s: tokens as f64 / secs.max(1e-9),
                 elapsed_s: start.elapsed().as_secs_f64(),
+                skipped,
+                skipped_steps: self.skipped,
             };
             after_step(&m, self, model)?;
         }
@@ -281,17 +397,47 @@ impl<B: Backend> Trainer<B> {
     /// Saves what resuming needs — parameters, optimizer state and step — atomically into `dir`
     /// (`state.safetensors` in f32 + `state.json`).
     pub fn save_state(&self, b: &B, model: &Llama<B>, dir: &std::path::Path) -> Result<()> {
-        let params = b.download(&model.params)?;
-        let states: Vec<(&'static str, Vec<f32>)> =
-            self.optimizer.state_buffers().into_iter().map(|(n, buf)| Ok((n, b.download(buf)?))).collect::<Result<_>>()?;
-        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = vec![("params".into(), vec![params.len()], &params)];
-        for (n, v) in &states {
-            tensors.push((format!("optimizer.{n}"), vec![v.len()], v));
+        let n = model.layout.total;
+        let mut buffers: Vec<(String, &B::Buf)> = vec![("params".into(), &model.params)];
+        for (name, buf) in self.optimizer.state_buffers() {
+            buffers.push((format!("optimizer.{name}"), buf));
         }
-        let bytes = crate::model::weights::safetensors_bytes(&tensors, crate::model::weights::SaveDtype::F32)?;
-        let meta = serde_json::json!({"format_version": 1, "step": self.step(), "total_steps": self.total_steps});
+        let meta = serde_json::json!({
+            "format_version": 1,
+            "step": self.step(),
+            "total_steps": self.total_steps,
+            "optimizer_steps": self.optimizer.steps(),
+            "skipped": self.skipped,
+            "spike": self.spike,
+        });
         crate::io::write_dir_atomic(dir, |tmp| {
-            crate::io::write_atomic(&tmp.join("state.safetensors"), &bytes)?;
+            // Streamed one buffer at a time: saving costs one extra copy of the parameters, not
+            // two of everything.
+            crate::io::write_atomic_with(&tmp.join("state.safetensors"), |f| {
+                use std::io::Write;
+                let mut header = serde_json::Map::new();
+                header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+                for (k, (name, _)) in buffers.iter().enumerate() {
+                    let (lo, hi) = (4 * n * k, 4 * n * (k + 1));
+                    header.insert(name.clone(), serde_json::json!({"dtype": "F32", "shape": [n], "data_offsets": [lo, hi]}));
+                }
+                let mut text = serde_json::Value::Object(header).to_string();
+                while !text.len().is_multiple_of(8) {
+                    text.push(' ');
+                }
+                let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+                w.write_all(&(text.len() as u64).to_le_bytes())?;
+                w.write_all(text.as_bytes())?;
+                for (name, buf) in &buffers {
+                    let values = b.download(buf).with_context(|| format!("downloading {name}"))?;
+                    for chunk in values.chunks(1 << 16) {
+                        let bytes: Vec<u8> = chunk.iter().flat_map(|x| x.to_le_bytes()).collect();
+                        w.write_all(&bytes)?;
+                    }
+                }
+                w.flush()?;
+                Ok(())
+            })?;
             crate::io::write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(&meta)?.as_bytes())
         })
     }
@@ -321,7 +467,11 @@ impl<B: Backend> Trainer<B> {
         for (name, buf) in bufs {
             b.write(buf, 0, get(&format!("optimizer.{name}"), n)?)?;
         }
-        *steps = step;
+        // States written before the spike guard count every step as applied.
+        *steps = meta["optimizer_steps"].as_u64().unwrap_or(step);
+        self.steps_done = step as usize;
+        self.skipped = meta["skipped"].as_u64().unwrap_or(0) as usize;
+        self.spike = serde_json::from_value(meta["spike"].clone()).unwrap_or_default();
         Ok(())
     }
 }
@@ -348,6 +498,7 @@ impl TrainSettings {
             seed: c.seed,
             iteration: 0,
             recompute: c.gradient_checkpointing,
+            skip_spike_factor: c.skip_spike_factor,
         })
     }
 }
