@@ -37,8 +37,8 @@ pub(crate) const EXP_FLOOR_ABS: f64 = 1e-304;
 #[inline(always)]
 pub(crate) fn exp_fast(d: f64) -> f64 {
     const SHIFTER: f64 = 6755399441055744.0; // 1.5 * 2^52: adding it rounds to an integer
-    const LN2_HI: f64 = 6.931_471_803_691_238_164_90e-1; // fdlibm's split of ln 2: k * LN2_HI is exact
-    const LN2_LO: f64 = 1.908_214_929_270_587_700_02e-10;
+    const LN2_HI: f64 = 6.931_471_803_691_238e-1; // fdlibm's split of ln 2: k * LN2_HI is exact
+    const LN2_LO: f64 = 1.908_214_929_270_587_7e-10;
     let dd = d.max(EXP_FLOOR_ARG);
     let t = dd * std::f64::consts::LOG2_E + SHIFTER;
     let kf = t - SHIFTER;
