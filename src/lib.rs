@@ -5,12 +5,14 @@
 //! GGUF, conversion), `chat` (chat templates rendered as transformers does), `prompts` (prompt
 //! files: JSONL, Parquet, ShareGPT), `rng` + `sampling` (counter-based randomness, token sampler),
 //! `generate` (batched generation with a KV cache), `logprobs` (response scoring), `io` (atomic writes),
+//! `fastexp` (a vectorisable `exp` for softmax sums and the sampler),
 //! `train` (losses, optimizers, clipping, lr schedules, the trainer),
 //! `oracle` (preference oracles, win-rates), `rank` (the rank stage: oracle over generations).
 
 pub mod backend;
 pub mod chat;
 pub mod config;
+mod fastexp;
 pub mod formats;
 pub mod generate;
 pub mod io;

@@ -571,6 +571,24 @@ fn attention_forward() {
         }
     }
 
+    // Long sequences (>= 16 queries) take the blocked gemm path, in blocks of 64 queries: several
+    // blocks, a partial last block, and a short sequence (per-row path) in the same call.
+    let lens = [70usize, 16, 130, 3];
+    let n: usize = lens.iter().sum();
+    let seqs = packed(&lens);
+    for (mname, mask) in [masks[0], ("window 20", AttnMask::Causal { window: Some(20) }), masks[4]] {
+        for (heads, kv) in [(4usize, 2usize), (3, 3)] {
+            let sh = shape(heads, kv, 8, mask);
+            check_attention_forward(&format!("attention blocked {heads}:{kv} {mname}"), &be, &mut rng, n, n, &seqs, &sh);
+        }
+    }
+    // Prefill against a cache: 20 new queries after 70 cached keys, and a per-row sequence beside it.
+    let seqs = [AttnSeq { q_start: 0, q_len: 20, k_start: 5, k_len: 90 }, AttnSeq { q_start: 20, q_len: 2, k_start: 95, k_len: 4 }];
+    for (mname, mask) in [masks[0], ("window 30", AttnMask::Causal { window: Some(30) })] {
+        let sh = shape(4, 2, 8, mask);
+        check_attention_forward(&format!("attention blocked cache {mname}"), &be, &mut rng, 22, 99, &seqs, &sh);
+    }
+
     // Decode layout: q_len 1 and 3 against longer key caches in another buffer, listed out of order.
     let seqs = [
         AttnSeq { q_start: 1, q_len: 3, k_start: 9, k_len: 5 },
@@ -589,16 +607,22 @@ fn attention_forward() {
 fn attention_backward() {
     let be = backend();
     let mut rng = Rng(8);
-    let lens = [5usize, 1, 11, 8];
-    let n: usize = lens.iter().sum();
-    let seqs = packed(&lens);
+    // Short sequences (per-row path), then long ones (blocked gemm path: several 64-query blocks,
+    // a partial one, and a short sequence beside them).
+    let short = [5usize, 1, 11, 8];
+    let long = [70usize, 16, 90, 3];
     let cases = [
-        (4usize, 2usize, 6usize, AttnMask::Causal { window: None }),
-        (4, 1, 10, AttnMask::Causal { window: Some(3) }),
-        (3, 3, 8, AttnMask::Bidirectional),
+        (&short[..], 4usize, 2usize, 6usize, AttnMask::Causal { window: None }),
+        (&short[..], 4, 1, 10, AttnMask::Causal { window: Some(3) }),
+        (&short[..], 3, 3, 8, AttnMask::Bidirectional),
+        (&long[..], 4, 2, 6, AttnMask::Causal { window: None }),
+        (&long[..], 2, 1, 8, AttnMask::Causal { window: Some(20) }),
+        (&long[..], 3, 3, 4, AttnMask::Bidirectional),
     ];
-    for (heads, kv, d, mask) in cases {
-        let name = format!("attention_backward {heads}:{kv} d{d} {mask:?}");
+    for (lens, heads, kv, d, mask) in cases {
+        let n: usize = lens.iter().sum();
+        let seqs = packed(lens);
+        let name = format!("attention_backward {lens:?} {heads}:{kv} d{d} {mask:?}");
         let sh = shape(heads, kv, d, mask);
         let q = rng.vec(n * heads * d, 2.0);
         let k = rng.vec(n * kv * d, 2.0);

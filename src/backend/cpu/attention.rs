@@ -15,8 +15,28 @@
 use anyhow::Result;
 use rayon::prelude::*;
 
+use super::matmul::{gemm_with, Mat};
 use super::{AttnSeq, AttnShape, CpuBackend, Op};
 use crate::backend::AttnMask;
+
+/// Sequences with at least this many queries (prefill, training) go through `gemm` a block of
+/// query rows at a time; fewer (decoding: one new token) take the per-row loop.
+const BLOCKED_MIN_Q: usize = 16;
+/// Query rows per block: the (block, k_len) score scratch stays small for long sequences.
+const Q_BLOCK: usize = 64;
+
+/// Query blocks `(i0, i1)` of a sequence with `q_len` queries.
+fn q_blocks(q_len: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..q_len).step_by(Q_BLOCK).map(move |i0| (i0, (i0 + Q_BLOCK).min(q_len)))
+}
+
+/// Keys `lo..hi` that some query of the block `i0..i1` sees (the union of their visible ranges).
+fn block_keys(mask: AttnMask, seq: &AttnSeq, i0: usize, i1: usize) -> (usize, usize) {
+    let first = seq.k_len - seq.q_len + i0;
+    let (lo, _) = visible(mask, first, seq.k_len);
+    let (_, hi) = visible(mask, first + (i1 - i0) - 1, seq.k_len);
+    (lo, hi)
+}
 
 /// Marks a query row that belongs to no sequence.
 const NO_SEQ: usize = usize::MAX;
@@ -104,6 +124,55 @@ fn axpy(acc: &mut [f32], alpha: f32, x: &[f32]) {
     }
 }
 
+/// One (sequence, head, query block) of the blocked forward: out rows (rows, head_dim), lse (rows).
+struct FwdBlock {
+    seq: usize,
+    head: usize,
+    i0: usize,
+    out: Vec<f32>,
+    lse: Vec<f32>,
+}
+
+/// Blocked forward of queries `i0..i1` of `seq`, one head: scores (rows, keys) = Q·Kᵀ and out =
+/// softmax·V through `gemm`, the same formulas as the per-row loop (f64 row sums).
+#[allow(clippy::too_many_arguments)]
+fn forward_block(op: Op, g: &Geometry, q: &[f32], k: &[f32], v: &[f32], s: usize, seq: &AttnSeq, head: usize, i0: usize, i1: usize, shape: &AttnShape) -> Result<FwdBlock> {
+    let (d, rows) = (g.head_dim, i1 - i0);
+    let (lo, hi) = block_keys(shape.mask, seq, i0, i1);
+    let kw = hi - lo;
+    let kv_off = (head / g.group) * d;
+    let kv_at = (seq.k_start + lo) * g.kv_row + kv_off;
+    let none = gemm::Parallelism::None;
+    // scores (rows, kw) = Q (rows, d) · Kᵀ (d, kw)
+    let mut p = vec![0.0f32; rows * kw];
+    let qm = Mat { data: &q[(seq.q_start + i0) * g.q_row + head * d..], rs: g.q_row, cs: 1 };
+    gemm_with(none, op, rows, kw, d, &mut p, kw, 1, false, qm, Mat { data: &k[kv_at..], rs: 1, cs: g.kv_row })?;
+    let mut lse = vec![0.0f32; rows];
+    let mut inv = vec![0.0f32; rows];
+    for (r, row) in p.chunks_exact_mut(kw).enumerate() {
+        let (a, b) = visible(shape.mask, seq.k_len - seq.q_len + i0 + r, seq.k_len);
+        let (a, b) = (a - lo, b - lo);
+        let mut max = f32::NEG_INFINITY;
+        for x in &mut row[a..b] {
+            *x *= shape.scale;
+            max = max.max(*x);
+        }
+        crate::fastexp::exp_shifted_f32(&mut row[a..b], max);
+        let sum: f64 = row[a..b].iter().map(|&x| f64::from(x)).sum();
+        row[..a].fill(0.0);
+        row[b..].fill(0.0);
+        inv[r] = (1.0 / sum) as f32;
+        lse[r] = max + sum.ln() as f32;
+    }
+    // out (rows, d) = P (rows, kw) · V (kw, d), then each row / its sum
+    let mut out = vec![0.0f32; rows * d];
+    gemm_with(none, op, rows, d, kw, &mut out, d, 1, false, Mat { data: &p, rs: kw, cs: 1 }, Mat { data: &v[kv_at..], rs: g.kv_row, cs: 1 })?;
+    for (o, &inv) in out.chunks_exact_mut(d).zip(&inv) {
+        o.iter_mut().for_each(|x| *x *= inv);
+    }
+    Ok(FwdBlock { seq: s, head, i0, out, lse })
+}
+
 /// out: (Nq, n_heads, head_dim) and lse: (Nq, n_heads) overwritten on every query row of `seqs`;
 /// q: (Nq, n_heads, head_dim); k, v: (Nk, n_kv_heads, head_dim).
 #[allow(clippy::too_many_arguments)]
@@ -134,7 +203,7 @@ pub(super) fn forward(
         let mut acc = vec![0.0f32; d];
         for (r, (out, lse)) in out.chunks_exact_mut(g.q_row).zip(lse.chunks_exact_mut(h)).enumerate() {
             let t = c * rows + r;
-            let Some(seq) = seqs.get(g.owner[t]) else { continue };
+            let Some(seq) = seqs.get(g.owner[t]).filter(|s| s.q_len < BLOCKED_MIN_Q) else { continue };
             let p = seq.k_len - seq.q_len + (t - seq.q_start);
             let (lo, hi) = visible(shape.mask, p, seq.k_len);
             let scores = &mut scores[..hi - lo];
@@ -148,9 +217,9 @@ pub(super) fn forward(
                     max = max.max(*s);
                 }
                 acc.fill(0.0);
+                crate::fastexp::exp_shifted_f32(scores, max);
                 let mut sum = 0.0f64;
-                for (&s, j) in scores.iter().zip(lo..hi) {
-                    let e = (s - max).exp();
+                for (&e, j) in scores.iter().zip(lo..hi) {
                     sum += f64::from(e);
                     axpy(&mut acc, e, &v[(seq.k_start + j) * g.kv_row + kv_off..][..d]);
                 }
@@ -162,6 +231,23 @@ pub(super) fn forward(
             }
         }
     });
+    // Long sequences: blocks through gemm, each a task, scattered into out/lse afterwards.
+    let tasks: Vec<(usize, usize, usize, usize)> = seqs
+        .iter()
+        .enumerate()
+        .filter(|(_, seq)| seq.q_len >= BLOCKED_MIN_Q)
+        .flat_map(|(s, seq)| (0..h).flat_map(move |head| q_blocks(seq.q_len).map(move |(i0, i1)| (s, head, i0, i1))))
+        .collect();
+    let blocks: Vec<FwdBlock> =
+        tasks.into_par_iter().map(|(s, head, i0, i1)| forward_block(op, &g, q, k, v, s, &seqs[s], head, i0, i1, shape)).collect::<Result<_>>()?;
+    for blk in blocks {
+        let seq = seqs[blk.seq];
+        for (r, (o, &l)) in blk.out.chunks_exact(d).zip(&blk.lse).enumerate() {
+            let t = seq.q_start + blk.i0 + r;
+            out[t * g.q_row + blk.head * d..][..d].copy_from_slice(o);
+            lse[t * h + blk.head] = l;
+        }
+    }
     Ok(())
 }
 
@@ -174,6 +260,66 @@ struct Part {
     /// (k_len, head_dim) each
     dk: Vec<f32>,
     dv: Vec<f32>,
+}
+
+/// Blocked backward of queries `i0..i1` of `seq`, one head, into its (sequence, kv head) part:
+/// with P recomputed from the saved lse, dP = dO·Vᵀ, dS = P ∘ (dP − D)·scale,
+/// dq = dS·K, dk += dSᵀ·Q, dv += Pᵀ·dO, each product through `gemm`.
+#[allow(clippy::too_many_arguments)]
+fn backward_block(
+    op: Op,
+    g: &Geometry,
+    part: &mut Part,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dout: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    seq: &AttnSeq,
+    head: usize,
+    i0: usize,
+    i1: usize,
+    shape: &AttnShape,
+) -> Result<()> {
+    let (d, rows, group) = (g.head_dim, i1 - i0, g.group);
+    let (lo, hi) = block_keys(shape.mask, seq, i0, i1);
+    let kw = hi - lo;
+    let kv_at = (seq.k_start + lo) * g.kv_row + part.kv_head * d;
+    let q_at = (seq.q_start + i0) * g.q_row + head * d;
+    let none = gemm::Parallelism::None;
+    let qm = Mat { data: &q[q_at..], rs: g.q_row, cs: 1 };
+    let dom = Mat { data: &dout[q_at..], rs: g.q_row, cs: 1 };
+    // p (rows, kw) = Q·Kᵀ, then P; dp (rows, kw) = dO·Vᵀ, then dS·scale.
+    let mut p = vec![0.0f32; rows * kw];
+    gemm_with(none, op, rows, kw, d, &mut p, kw, 1, false, qm, Mat { data: &k[kv_at..], rs: 1, cs: g.kv_row })?;
+    let mut dp = vec![0.0f32; rows * kw];
+    gemm_with(none, op, rows, kw, d, &mut dp, kw, 1, false, dom, Mat { data: &v[kv_at..], rs: 1, cs: g.kv_row })?;
+    for (r, (prow, dprow)) in p.chunks_exact_mut(kw).zip(dp.chunks_exact_mut(kw)).enumerate() {
+        let t = seq.q_start + i0 + r;
+        let (a, b) = visible(shape.mask, seq.k_len - seq.q_len + i0 + r, seq.k_len);
+        let (a, b) = (a - lo, b - lo);
+        let l = lse[t * g.n_heads + head];
+        let row = t * g.q_row + head * d;
+        let di = dot(&dout[row..][..d], &out[row..][..d]);
+        prow[a..b].iter_mut().for_each(|x| *x *= shape.scale);
+        crate::fastexp::exp_shifted_f32(&mut prow[a..b], l);
+        for (x, dx) in prow[a..b].iter().zip(&mut dprow[a..b]) {
+            *dx = shape.scale * (*x * (*dx - di));
+        }
+        for range in [0..a, b..kw] {
+            prow[range.clone()].fill(0.0);
+            dprow[range].fill(0.0);
+        }
+    }
+    // dq rows (i, hg) of the part's (q_len, group, d) = dS (rows, kw) · K (kw, d)
+    let hg = head % group;
+    let dq_at = (i0 * group + hg) * d;
+    let km = Mat { data: &k[kv_at..], rs: g.kv_row, cs: 1 };
+    gemm_with(none, op, rows, d, kw, &mut part.dq[dq_at..], group * d, 1, false, Mat { data: &dp, rs: kw, cs: 1 }, km)?;
+    // dk (kw, d) += dSᵀ (kw, rows) · Q (rows, d); dv (kw, d) += Pᵀ · dO
+    gemm_with(none, op, kw, d, rows, &mut part.dk[lo * d..], d, 1, true, Mat { data: &dp, rs: 1, cs: kw }, qm)?;
+    gemm_with(none, op, kw, d, rows, &mut part.dv[lo * d..], d, 1, true, Mat { data: &p, rs: 1, cs: kw }, dom)
 }
 
 /// dq: (Nq, n_heads, head_dim), dk, dv: (Nk, n_kv_heads, head_dim), all overwritten.
@@ -222,6 +368,12 @@ pub(super) fn backward(
             };
             for hg in 0..group {
                 let head = kv_head * group + hg;
+                if seq.q_len >= BLOCKED_MIN_Q {
+                    for (i0, i1) in q_blocks(seq.q_len) {
+                        backward_block(op, &g, &mut part, q, k, v, dout, out, lse, &seq, head, i0, i1, shape)?;
+                    }
+                    continue;
+                }
                 for i in 0..seq.q_len {
                     let t = seq.q_start + i;
                     let p = seq.k_len - seq.q_len + i;
@@ -240,9 +392,9 @@ pub(super) fn backward(
                     }
                 }
             }
-            part
+            Ok(part)
         })
-        .collect();
+        .collect::<Result<_>>()?;
     // Rows outside every sequence get zero; overlapping key ranges (sequences sharing keys) add.
     dq.fill(0.0);
     dk.fill(0.0);

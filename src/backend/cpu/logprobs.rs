@@ -78,7 +78,7 @@ pub(super) fn forward(
             .map(|(z, &t)| {
                 // Max-subtracted, summed in f64: the reference must not lose the tail of the softmax.
                 let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = z.iter().map(|&x| f64::from(x - max).exp()).sum();
+                let sum = crate::fastexp::sum_exp_shifted(z, max);
                 let l = (f64::from(max) + sum.ln()) as f32;
                 (z[targets[t] as usize] - l, l)
             })
@@ -123,8 +123,9 @@ pub(super) fn backward(
         // z becomes dlogits = dlogp · (onehot(target) − exp(logits − lse)), using the saved lse.
         z.par_chunks_mut(vocab).zip(rows.par_iter()).for_each(|(z, &t)| {
             let (g, l) = (dlogp[t], lse[t]);
+            crate::fastexp::exp_shifted_f32(z, l);
             for x in z.iter_mut() {
-                *x = -g * (*x - l).exp();
+                *x *= -g;
             }
             z[targets[t] as usize] += g;
         });

@@ -39,6 +39,24 @@ pub(super) fn gemm(
     lhs: Mat<'_>,
     rhs: Mat<'_>,
 ) -> Result<()> {
+    gemm_with(be.gemm_par(m, n, k), op, m, n, k, dst, dst_rs, dst_cs, accumulate, lhs, rhs)
+}
+
+/// [`gemm`] with the caller's parallelism (`None` inside a task that is already one of many).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn gemm_with(
+    par: gemm::Parallelism,
+    op: Op,
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    dst_cs: usize,
+    accumulate: bool,
+    lhs: Mat<'_>,
+    rhs: Mat<'_>,
+) -> Result<()> {
     if !fits(dst.len(), m, n, dst_rs, dst_cs) || !fits(lhs.data.len(), m, k, lhs.rs, lhs.cs) || !fits(rhs.data.len(), k, n, rhs.rs, rhs.cs) {
         return Err(op.err(format_args!(
             "internal: gemm ({m}x{k})·({k}x{n}) does not fit its buffers (dst {}, lhs {}, rhs {})",
@@ -74,11 +92,15 @@ pub(super) fn gemm(
             false,
             false,
             false,
-            be.gemm_par(m, n, k),
+            par,
         );
     }
     Ok(())
 }
+
+/// Up to this many rows, `forward` streams the weight once (`skinny.rs`) instead of calling
+/// `gemm`, which packs the whole weight per call: decode steps multiply one row per sequence.
+const SKINNY_MAX_ROWS: usize = 16;
 
 /// out (N, OC) = inp (N, IC) · weightᵀ, weight (OC, IC). Overwrites out.
 pub(super) fn forward(be: &CpuBackend, out: &mut [f32], inp: &[f32], weight: &[f32], in_dim: usize, out_dim: usize) -> Result<()> {
@@ -86,6 +108,11 @@ pub(super) fn forward(be: &CpuBackend, out: &mut [f32], inp: &[f32], weight: &[f
     let n = op.rows("inp", inp.len(), in_dim)?;
     op.len("out", out.len(), op.mul(n, out_dim)?)?;
     op.len("weight", weight.len(), op.mul(out_dim, in_dim)?)?;
+    if n <= SKINNY_MAX_ROWS {
+        let parallel = matches!(be.gemm_par(n, out_dim, in_dim), gemm::Parallelism::Rayon(_));
+        super::skinny::forward(out, inp, weight, n, in_dim, out_dim, parallel);
+        return Ok(());
+    }
     // weightᵀ as a (IC, OC) matrix: element (i, o) is weight[o * IC + i].
     let wt = Mat { data: weight, rs: 1, cs: in_dim };
     gemm(be, op, n, out_dim, in_dim, out, out_dim, 1, false, Mat { data: inp, rs: in_dim, cs: 1 }, wt)

@@ -12,7 +12,8 @@
 //! reductions across chunks (parameter gradients) are summed in chunk order, so results do not
 //! depend on the thread count (up to whatever `gemm` does internally).
 //!
-//! One file per concern: `matmul.rs` (also the checked `gemm` wrapper the LM head uses),
+//! One file per concern: `matmul.rs` (also the checked `gemm` wrapper the LM head uses; few-row
+//! products go to `skinny.rs`, which streams the weight once),
 //! `embedding.rs`, `rmsnorm.rs`, `rope.rs`, `attention.rs`, `swiglu.rs`, `logprobs.rs`,
 //! `elementwise.rs`, `optim.rs` (gradient norm, scaling, AdamW, RMSprop); for the BERT encoder
 //! `layernorm.rs`, `gelu.rs`, `bias.rs`.
@@ -28,6 +29,7 @@ mod matmul;
 mod optim;
 mod rmsnorm;
 mod rope;
+mod skinny;
 mod swiglu;
 
 use std::sync::Arc;
