@@ -15,10 +15,14 @@
 //! iter-<t>/train/             optimizer state (resume within an iteration)
 //! iter-<t>/checkpoint/        π_{t+1} in Hugging Face format
 //! ```
-//! Evaluation, plots and the quiet/JSON log modes are not implemented yet.
+//! After each checkpoint, the `eval` stage ([`eval::stage`]) writes the held-out win-rates (and,
+//! on a game, the exact exploitability) into eval.json and metrics.jsonl, and `plots/` is redrawn.
 
+pub mod classes;
 pub mod config;
+pub mod eval;
 pub mod manifest;
+pub mod plots;
 
 use crate::backend::cpu::CpuBackend;
 use crate::generate::{generate_records, GenOptions};
@@ -95,6 +99,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>) -> Result<Path
         let checkpoint = dir.join("checkpoint");
         if manifest.is_done(t, Stage::Checkpoint) {
             policy_dir = checkpoint;
+            eval::stage(&b, cfg, &mut manifest, t, &mut metrics_text)?;
             continue;
         }
         let mut model = Llama::load(&b, &policy_dir)?;
@@ -193,6 +198,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>) -> Result<Path
         manifest.complete(run_dir, t, Stage::Checkpoint, vec![rel(t, "checkpoint/model.safetensors")], serde_json::Value::Null)?;
         eprintln!("iteration {t}: checkpoint {}", checkpoint.display());
         policy_dir = checkpoint;
+        eval::stage(&b, cfg, &mut manifest, t, &mut metrics_text)?;
     }
     Ok(policy_dir)
 }
