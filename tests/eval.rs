@@ -38,6 +38,28 @@ fn read_json(p: &Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
 }
 
+fn assert_close_json(got: &serde_json::Value, want: &serde_json::Value, at: &str) {
+    match (got, want) {
+        (serde_json::Value::Object(a), serde_json::Value::Object(b)) => {
+            assert_eq!(a.len(), b.len(), "{at}: {got} vs {want}");
+            for (k, v) in b {
+                assert_close_json(&a[k], v, &format!("{at}.{k}"));
+            }
+        }
+        (serde_json::Value::Array(a), serde_json::Value::Array(b)) => {
+            assert_eq!(a.len(), b.len(), "{at}");
+            for (i, (x, y)) in a.iter().zip(b).enumerate() {
+                assert_close_json(x, y, &format!("{at}[{i}]"));
+            }
+        }
+        (serde_json::Value::Number(x), serde_json::Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-12 * y.abs().max(1.0), "{at}: {x} vs {y}");
+        }
+        _ => assert_eq!(got, want, "{at}"),
+    }
+}
+
 fn png_size(p: &Path) -> (u32, u32) {
     let bytes = std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{} is not a PNG", p.display());
@@ -123,10 +145,12 @@ fn run_evaluates_each_iteration_and_sppo_eval_agrees() {
     png_size(&run_dir.join("plots/eval.png"));
 
     // `sppo eval` on the finished run: the cached samples give the same figures.
-    let before = std::fs::read_to_string(run_dir.join("eval.json")).unwrap();
-    let (stdout, _) = sppo(&["eval", "--run-dir", run_dir.to_str().unwrap()]);
+    let before = read_json(&run_dir.join("eval.json"));
+    let (stdout, stderr) = sppo(&["eval", "--run-dir", run_dir.to_str().unwrap()]);
     assert!(stdout.contains("iteration 2: win-rate vs base"), "{stdout}");
-    assert_eq!(std::fs::read_to_string(run_dir.join("eval.json")).unwrap(), before, "re-evaluation changed the figures");
+    assert!(!stderr.contains("sampling"), "the cached samples were not reused:\n{stderr}");
+    // Equal up to the last bit of a float read back from the cache.
+    assert_close_json(&read_json(&run_dir.join("eval.json")), &before, "eval.json");
     // More samples: new samples, same structure.
     sppo(&["eval", "--run-dir", run_dir.to_str().unwrap(), "--num-samples", "3"]);
     assert_eq!(read_json(&run_dir.join("eval.json"))["num_samples"], 3);
@@ -180,16 +204,17 @@ fn class_distribution_is_exact() {
         let text = if eos.contains(&(t as u32)) { String::new() } else { codec.tokenizer.decode(&[t as u32], true).unwrap() };
         want[game.classify(&text)] += (x as f64 - max).exp() / z;
     }
-    for c in 0..3 {
-        assert!((d.probs[c] - want[c]).abs() < 1e-9, "class {c}: {} vs {}", d.probs[c], want[c]);
+    // The cached forward and the full forward round f32 logits differently: ~1e-7 apart.
+    for (c, w) in want.iter().enumerate() {
+        assert!((d.probs[c] - w).abs() < 1e-6, "class {c}: {} vs {w}", d.probs[c]);
     }
     assert_eq!(d.unresolved, 0.0);
 
     // Four tokens: undecided first tokens (whitespace, specials, partial UTF-8) are expanded.
-    let four = ExpandLimits { max_new_tokens: 4, max_expansions: 4096, min_mass: 0.0 };
+    let four = ExpandLimits { max_new_tokens: 4, max_expansions: 1024, min_mass: 1e-7 };
     let d4 = class_distribution(&b, &mut model, &codec.tokenizer, &table, &eos, &game, &ids, &four).unwrap();
     assert!(d4.unresolved < 1e-3, "{d4:?}");
-    let n = 3000u32;
+    let n = 1000u32;
     let records = vec![sppo::prompts::PromptRecord { id: "x".into(), messages: msgs.clone(), reference: None }];
     let opts = sppo::generate::GenOptions {
         sampling: sppo::sampling::SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0, min_p: 0.0 },
@@ -203,8 +228,7 @@ fn class_distribution_is_exact() {
     let (lines, _) = sppo::generate::generate_records(&b, &mut model, &codec, &dir, &records, n, opts, |_| {}).unwrap();
     let responses: Vec<String> = serde_json::from_value(lines[0]["responses"].clone()).unwrap();
     let freq = game.empirical_policy(&responses);
-    for c in 0..3 {
-        let p = d4.probs[c];
+    for (c, &p) in d4.probs.iter().enumerate() {
         let sd = (p * (1.0 - p) / n as f64).sqrt();
         assert!((freq[c] - p).abs() < 4.0 * sd + 1e-3, "class {c}: sampled {} vs exact {p} (sd {sd})", freq[c]);
     }
