@@ -56,8 +56,8 @@ fn run(model: &Path, prompts: &Path, run_dir: &Path, oracle: &str, loss: &str, t
     serde_json::from_str(&std::fs::read_to_string(run_dir.join("eval.json")).unwrap()).unwrap()
 }
 
-const BETA: f64 = 0.2;
-const LR: f64 = 3e-3;
+const BETA: f64 = 0.05;
+const LR: f64 = 1e-2;
 const EPOCHS: u32 = 8;
 
 fn curve(r: &EvalReport, f: impl Fn(&sppo::run::eval::GameFigures) -> f64) -> Vec<f64> {
@@ -101,7 +101,7 @@ fn rock_paper_scissors_mixture_exploitability_falls() {
     let (model, prompts) = setup(tmp.path());
     // A base far from the Nash equilibrium (uniform): one SPPO iteration on the transitive game
     // concentrates it on class 2 (scissors).
-    let warm = run(&model, &prompts, &tmp.path().join("warm"), "game:transitive,temp=0.25", "sppo", "all", 1, 7);
+    let warm = run(&model, &prompts, &tmp.path().join("warm"), "game:transitive,temp=0.25", "sppo", "all", 2, 7);
     let start = tmp.path().join("warm/iter-1/checkpoint");
     println!("warm start P(scissors) {:.3}", warm.policies[1].game.as_ref().unwrap().class_probs[2]);
     let sppo = run(&start, &prompts, &tmp.path().join("sppo"), "game:rps", "sppo", "all", 8, 1);
