@@ -5,8 +5,19 @@
 //! iterate's class distribution exactly from the model (`run::classes`), so the exploitability
 //! curves carry no sampling noise of their own.
 //!
-//! Set `SPPO_GAME_PLOTS=DIR` to write the curves as PNGs into DIR; run with `--nocapture` to see
-//! them printed.
+//! Settings: η = 20 (β 0.05), AdamW lr 1e-2, 8 epochs per iteration, K = 8 responses for each of 12
+//! prompts, temperature 1 (the policy SPPO's theory is about). With a vocabulary of 49152 tokens
+//! a class gains mass only through the tokens that were sampled, so a small η barely moves it
+//! (η = 5: P(dominant) 0.25 → 0.45 in 4 iterations); η = 20 lets the winners take over.
+//!
+//! Observed (exact exploitability, iteration 0 = the scissors-heavy warm start, 0.476):
+//! SPPO mixture after 8 iterations 0.047 / 0.156 / 0.140 for seeds 1 / 2 / 3 (the assertion asks
+//! for less than half the start); the SPPO last iterate keeps cycling (0.49 / 0.19 / 0.24);
+//! iterative DPO's mixture 0.158 / 0.117 / 0.075. Transitive game (seed 1): P(dominant class)
+//! 0.247 → 0.290 → 0.342 → 0.627 → 0.964.
+//!
+//! Set `SPPO_GAME_PLOTS=DIR` to write the curves as PNGs into DIR, `SPPO_GAME_SEEDS=1,2,3` to run
+//! several seeds; run with `--nocapture` to see the curves printed.
 
 mod common;
 
@@ -27,21 +38,51 @@ fn copy_dir(src: &Path, dst: &Path) {
 /// 4 held out for the exact exploitability.
 fn setup(tmp: &Path) -> (PathBuf, PathBuf) {
     let model = tmp.join("model");
-    copy_dir(&repo_root().join("tests/fixtures/reward/smollm2_judge/model"), &model);
+    copy_dir(
+        &repo_root().join("tests/fixtures/reward/smollm2_judge/model"),
+        &model,
+    );
     copy_dir(&repo_root().join("tests/fixtures/chat/smollm2"), &model);
     let prompts = tmp.join("prompts.jsonl");
     let words = [
-        "Say hi.", "Name a colour.", "Count to three.", "Pick a fruit.", "Name a city.", "Pick a number.", "Say a word.", "Name an animal.",
-        "Pick a letter.", "Name a tool.", "Say a greeting.", "Name a river.", "Pick a shape.", "Name a tree.", "Say a verb.", "Name a metal.",
+        "Say hi.",
+        "Name a colour.",
+        "Count to three.",
+        "Pick a fruit.",
+        "Name a city.",
+        "Pick a number.",
+        "Say a word.",
+        "Name an animal.",
+        "Pick a letter.",
+        "Name a tool.",
+        "Say a greeting.",
+        "Name a river.",
+        "Pick a shape.",
+        "Name a tree.",
+        "Say a verb.",
+        "Name a metal.",
     ];
-    let lines: Vec<String> = words.iter().enumerate().map(|(i, p)| serde_json::json!({"id": format!("p{i}"), "prompt": p}).to_string()).collect();
+    let lines: Vec<String> = words
+        .iter()
+        .enumerate()
+        .map(|(i, p)| serde_json::json!({"id": format!("p{i}"), "prompt": p}).to_string())
+        .collect();
     std::fs::write(&prompts, lines.join("\n") + "\n").unwrap();
     (model, prompts)
 }
 
 /// One loop run; returns its evaluation.
 #[allow(clippy::too_many_arguments)]
-fn run(model: &Path, prompts: &Path, run_dir: &Path, oracle: &str, loss: &str, train_on: &str, iterations: u32, seed: u64) -> EvalReport {
+fn run(
+    model: &Path,
+    prompts: &Path,
+    run_dir: &Path,
+    oracle: &str,
+    loss: &str,
+    train_on: &str,
+    iterations: u32,
+    seed: u64,
+) -> EvalReport {
     let toml_text = format!(
         "model = {model:?}\nprompts = {prompts:?}\noracle = '{oracle}'\nrun_dir = {run_dir:?}\niterations = {iterations}\n\
          prompts_per_iteration = 12\neval_prompts = 4\neval_num_samples = 2\nnum_samples = 8\nmax_new_tokens = 1\n\
@@ -61,7 +102,10 @@ const LR: f64 = 1e-2;
 const EPOCHS: u32 = 8;
 
 fn curve(r: &EvalReport, f: impl Fn(&sppo::run::eval::GameFigures) -> f64) -> Vec<f64> {
-    r.policies.iter().map(|p| f(p.game.as_ref().expect("game figures"))).collect()
+    r.policies
+        .iter()
+        .map(|p| f(p.game.as_ref().expect("game figures")))
+        .collect()
 }
 
 fn show(name: &str, v: &[f64]) {
@@ -70,13 +114,23 @@ fn show(name: &str, v: &[f64]) {
 }
 
 fn maybe_plot(file: &str, title: &str, series: Vec<(&str, &[f64])>) {
-    let Ok(dir) = std::env::var("SPPO_GAME_PLOTS") else { return };
+    let Ok(dir) = std::env::var("SPPO_GAME_PLOTS") else {
+        return;
+    };
     use sppo::run::plots::{draw_panels, Panel, Series};
     let panel = Panel {
         title: title.into(),
         x_label: "iteration".into(),
         y_label: "exploitability".into(),
-        series: series.into_iter().map(|(n, v)| Series::new(n, v.iter().enumerate().map(|(i, &y)| (i as f64, y)).collect())).collect(),
+        series: series
+            .into_iter()
+            .map(|(n, v)| {
+                Series::new(
+                    n,
+                    v.iter().enumerate().map(|(i, &y)| (i as f64, y)).collect(),
+                )
+            })
+            .collect(),
     };
     draw_panels(&Path::new(&dir).join(file), &[panel], 1).unwrap();
 }
@@ -85,39 +139,127 @@ fn maybe_plot(file: &str, title: &str, series: Vec<(&str, &[f64])>) {
 fn transitive_game_last_iterate_goes_to_the_dominant_class() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, prompts) = setup(tmp.path());
-    let r = run(&model, &prompts, &tmp.path().join("run"), "game:transitive,temp=0.25", "sppo", "all", 4, 1);
+    let r = run(
+        &model,
+        &prompts,
+        &tmp.path().join("run"),
+        "game:transitive,temp=0.25",
+        "sppo",
+        "all",
+        4,
+        1,
+    );
     let top = curve(&r, |g| g.class_probs[2]);
     let expl = curve(&r, |g| g.exploitability);
     show("P(dominant class)", &top);
     show("exploitability (last)", &expl);
-    assert!(top[0] < 0.5, "the random base should not already prefer the dominant class: {top:?}");
-    assert!(top.last().unwrap() > &0.9, "the last iterate should concentrate on the dominant class: {top:?}");
-    assert!(top.windows(2).all(|w| w[1] > w[0]), "the dominant class's mass should rise every iteration: {top:?}");
+    assert!(
+        top[0] < 0.5,
+        "the random base should not already prefer the dominant class: {top:?}"
+    );
+    assert!(
+        top.last().unwrap() > &0.9,
+        "the last iterate should concentrate on the dominant class: {top:?}"
+    );
+    assert!(
+        top.windows(2).all(|w| w[1] > w[0]),
+        "the dominant class's mass should rise every iteration: {top:?}"
+    );
+}
+
+/// Seeds of the RPS runs: `SPPO_GAME_SEEDS=1,2,3` checks several (CI runs seed 1).
+fn seeds() -> Vec<u64> {
+    std::env::var("SPPO_GAME_SEEDS").ok().map_or(vec![1], |v| {
+        v.split(',')
+            .map(|x| x.trim().parse().expect("SPPO_GAME_SEEDS: integers"))
+            .collect()
+    })
 }
 
 #[test]
 fn rock_paper_scissors_mixture_exploitability_falls() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, prompts) = setup(tmp.path());
-    // A base far from the Nash equilibrium (uniform): one SPPO iteration on the transitive game
-    // concentrates it on class 2 (scissors).
-    let warm = run(&model, &prompts, &tmp.path().join("warm"), "game:transitive,temp=0.25", "sppo", "all", 2, 7);
-    let start = tmp.path().join("warm/iter-1/checkpoint");
-    println!("warm start P(scissors) {:.3}", warm.policies[1].game.as_ref().unwrap().class_probs[2]);
-    let sppo = run(&start, &prompts, &tmp.path().join("sppo"), "game:rps", "sppo", "all", 8, 1);
-    let dpo = run(&start, &prompts, &tmp.path().join("dpo"), "game:rps", "dpo", "best-worst", 8, 1);
-    let (s_last, s_mix) = (curve(&sppo, |g| g.exploitability), curve(&sppo, |g| g.mixture_exploitability));
-    let (d_last, d_mix) = (curve(&dpo, |g| g.exploitability), curve(&dpo, |g| g.mixture_exploitability));
-    show("SPPO exploitability last", &s_last);
-    show("SPPO exploitability mixture", &s_mix);
-    show("DPO exploitability last", &d_last);
-    show("DPO exploitability mixture", &d_mix);
-    maybe_plot(
-        "rps_exploitability.png",
-        "rock-paper-scissors: exploitability (exact)",
-        vec![("SPPO last iterate", &s_last), ("SPPO mixture", &s_mix), ("iterative DPO last iterate", &d_last), ("iterative DPO mixture", &d_mix)],
+    // A base far from the Nash equilibrium (uniform): SPPO on the transitive game concentrates it
+    // on class 2 (scissors).
+    let warm = run(
+        &model,
+        &prompts,
+        &tmp.path().join("warm"),
+        "game:transitive,temp=0.25",
+        "sppo",
+        "all",
+        WARM_ITERATIONS,
+        7,
     );
-    assert!(s_mix[0] > 0.2, "the warm start should be far from the equilibrium: {s_mix:?}");
-    let end = *s_mix.last().unwrap();
-    assert!(end < 0.5 * s_mix[0], "SPPO's mixture exploitability should fall by half or more: {s_mix:?}");
+    let start = tmp
+        .path()
+        .join(format!("warm/iter-{WARM_ITERATIONS}/checkpoint"));
+    println!(
+        "warm start class probabilities {:?}",
+        warm.policies
+            .last()
+            .unwrap()
+            .game
+            .as_ref()
+            .unwrap()
+            .class_probs
+    );
+    for seed in seeds() {
+        let sppo = run(
+            &start,
+            &prompts,
+            &tmp.path().join(format!("sppo-{seed}")),
+            "game:rps",
+            "sppo",
+            "all",
+            RPS_ITERATIONS,
+            seed,
+        );
+        let dpo = run(
+            &start,
+            &prompts,
+            &tmp.path().join(format!("dpo-{seed}")),
+            "game:rps",
+            "dpo",
+            "best-worst",
+            RPS_ITERATIONS,
+            seed,
+        );
+        let (s_last, s_mix) = (
+            curve(&sppo, |g| g.exploitability),
+            curve(&sppo, |g| g.mixture_exploitability),
+        );
+        let (d_last, d_mix) = (
+            curve(&dpo, |g| g.exploitability),
+            curve(&dpo, |g| g.mixture_exploitability),
+        );
+        println!("seed {seed}");
+        show("SPPO exploitability last", &s_last);
+        show("SPPO exploitability mixture", &s_mix);
+        show("DPO exploitability last", &d_last);
+        show("DPO exploitability mixture", &d_mix);
+        maybe_plot(
+            &format!("rps_exploitability_seed{seed}.png"),
+            "rock-paper-scissors: exploitability (exact)",
+            vec![
+                ("SPPO last iterate", &s_last),
+                ("SPPO mixture", &s_mix),
+                ("iterative DPO last iterate", &d_last),
+                ("iterative DPO mixture", &d_mix),
+            ],
+        );
+        assert!(
+            s_mix[0] > 0.3,
+            "the warm start should be far from the equilibrium: {s_mix:?}"
+        );
+        let end = *s_mix.last().unwrap();
+        assert!(
+            end < 0.5 * s_mix[0],
+            "seed {seed}: SPPO's mixture exploitability should fall by half or more: {s_mix:?}"
+        );
+    }
 }
+
+const WARM_ITERATIONS: u32 = 4;
+const RPS_ITERATIONS: u32 = 8;

@@ -41,7 +41,11 @@ pub struct ExpandLimits {
 
 impl Default for ExpandLimits {
     fn default() -> Self {
-        ExpandLimits { max_new_tokens: 1024, max_expansions: 256, min_mass: 1e-6 }
+        ExpandLimits {
+            max_new_tokens: 1024,
+            max_expansions: 256,
+            min_mass: 1e-6,
+        }
     }
 }
 
@@ -78,8 +82,14 @@ impl TokenTable {
     pub fn new(tokenizer: &tokenizers::Tokenizer, vocab: usize) -> Result<Self> {
         let ids: Vec<Vec<u32>> = (0..vocab as u32).map(|v| vec![v]).collect();
         let refs: Vec<&[u32]> = ids.iter().map(Vec::as_slice).collect();
-        let texts = tokenizer.decode_batch(&refs, true).map_err(|e| anyhow::anyhow!("decoding the vocabulary: {e}"))?;
-        ensure!(texts.len() == vocab, "decoded {} tokens of {vocab}", texts.len());
+        let texts = tokenizer
+            .decode_batch(&refs, true)
+            .map_err(|e| anyhow::anyhow!("decoding the vocabulary: {e}"))?;
+        ensure!(
+            texts.len() == vocab,
+            "decoded {} tokens of {vocab}",
+            texts.len()
+        );
         Ok(TokenTable { texts })
     }
 }
@@ -111,9 +121,13 @@ impl Ord for Node {
 /// Next-token logits (len(seqs), V) after each full sequence, in one packed prefill.
 fn last_logits<B: Backend>(b: &B, model: &mut Llama<B>, seqs: &[Vec<u32>]) -> Result<Vec<f32>> {
     let longest = seqs.iter().map(Vec::len).max().unwrap_or(0);
-    ensure!(longest < model.cfg.max_position_embeddings, "a prompt of {longest} tokens fills the model's context");
+    ensure!(
+        longest < model.cfg.max_position_embeddings,
+        "a prompt of {longest} tokens fills the model's context"
+    );
     model.ensure_positions(b, longest)?;
-    let (mut tokens, mut positions, mut rows, mut attn, mut last) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut tokens, mut positions, mut rows, mut attn, mut last) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for s in seqs {
         ensure!(!s.is_empty(), "empty sequence");
         let start = tokens.len();
@@ -122,7 +136,12 @@ fn last_logits<B: Backend>(b: &B, model: &mut Llama<B>, seqs: &[Vec<u32>]) -> Re
             positions.push(j as u32);
             rows.push((start + j) as u32);
         }
-        attn.push(AttnSeq { q_start: start, q_len: s.len(), k_start: start, k_len: s.len() });
+        attn.push(AttnSeq {
+            q_start: start,
+            q_len: s.len(),
+            k_start: start,
+            k_len: s.len(),
+        });
         last.push((tokens.len() - 1) as u32);
     }
     let mut cache = model.alloc_kv_cache(b, tokens.len())?;
@@ -151,15 +170,27 @@ pub fn class_distribution<B: Backend>(
     prompt_ids: &[u32],
     limits: &ExpandLimits,
 ) -> Result<ClassDistribution> {
-    ensure!(limits.max_new_tokens > 0, "max_new_tokens must be at least 1");
+    ensure!(
+        limits.max_new_tokens > 0,
+        "max_new_tokens must be at least 1"
+    );
     let vocab = model.cfg.vocab_size;
-    ensure!(table.texts.len() == vocab, "token table of {} entries for a vocabulary of {vocab}", table.texts.len());
+    ensure!(
+        table.texts.len() == vocab,
+        "token table of {} entries for a vocabulary of {vocab}",
+        table.texts.len()
+    );
     let mut probs = vec![0.0; game.classes()];
     let mut heap = BinaryHeap::new();
-    heap.push(Node { mass: 1.0, tokens: vec![], text: String::new() });
+    heap.push(Node {
+        mass: 1.0,
+        tokens: vec![],
+        text: String::new(),
+    });
     let mut expanded = 0;
     const BATCH: usize = 16;
-    while heap.peek().is_some_and(|n| n.mass >= limits.min_mass) && expanded < limits.max_expansions {
+    while heap.peek().is_some_and(|n| n.mass >= limits.min_mass) && expanded < limits.max_expansions
+    {
         let mut nodes = Vec::new();
         while nodes.len() < BATCH.min(limits.max_expansions - expanded) {
             match heap.pop() {
@@ -172,8 +203,12 @@ pub fn class_distribution<B: Backend>(
             }
         }
         expanded += nodes.len();
-        let seqs: Vec<Vec<u32>> = nodes.iter().map(|n| [prompt_ids, n.tokens.as_slice()].concat()).collect();
-        let logits = last_logits(b, model, &seqs).context("class distribution: forward over undecided prefixes")?;
+        let seqs: Vec<Vec<u32>> = nodes
+            .iter()
+            .map(|n| [prompt_ids, n.tokens.as_slice()].concat())
+            .collect();
+        let logits = last_logits(b, model, &seqs)
+            .context("class distribution: forward over undecided prefixes")?;
         for (k, node) in nodes.into_iter().enumerate() {
             let p = softmax(&logits[k * vocab..(k + 1) * vocab]);
             let depth = node.tokens.len() + 1;
@@ -201,16 +236,41 @@ pub fn class_distribution<B: Backend>(
                     // Whole characters after an incomplete sequence: its U+FFFD is final.
                     probs[game.classify(&node.text)] += mass;
                 } else {
-                    settle(&mut probs, &mut heap, game, depth, limits, mass, &node.tokens, v as u32, format!("{}{t}", node.text));
+                    settle(
+                        &mut probs,
+                        &mut heap,
+                        game,
+                        depth,
+                        limits,
+                        mass,
+                        &node.tokens,
+                        v as u32,
+                        format!("{}{t}", node.text),
+                    );
                 }
             }
             if !joint.is_empty() {
-                let seqs: Vec<Vec<u32>> = joint.iter().map(|&v| [node.tokens.as_slice(), &[v]].concat()).collect();
+                let seqs: Vec<Vec<u32>> = joint
+                    .iter()
+                    .map(|&v| [node.tokens.as_slice(), &[v]].concat())
+                    .collect();
                 let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-                let texts = tokenizer.decode_batch(&refs, true).map_err(|e| anyhow::anyhow!("decoding response prefixes: {e}"))?;
+                let texts = tokenizer
+                    .decode_batch(&refs, true)
+                    .map_err(|e| anyhow::anyhow!("decoding response prefixes: {e}"))?;
                 for (&v, text) in joint.iter().zip(texts) {
                     let mass = node.mass * p[v as usize];
-                    settle(&mut probs, &mut heap, game, depth, limits, mass, &node.tokens, v, text);
+                    settle(
+                        &mut probs,
+                        &mut heap,
+                        game,
+                        depth,
+                        limits,
+                        mass,
+                        &node.tokens,
+                        v,
+                        text,
+                    );
                 }
             }
         }
@@ -222,7 +282,10 @@ pub fn class_distribution<B: Backend>(
     }
     // Rounding: the masses sum to 1 up to f64 error; renormalise so the game accepts the policy.
     let total: f64 = probs.iter().sum();
-    ensure!(total.is_finite() && total > 0.0, "class distribution sums to {total} (NaN logits?)");
+    ensure!(
+        total.is_finite() && total > 0.0,
+        "class distribution sums to {total} (NaN logits?)"
+    );
     probs.iter_mut().for_each(|x| *x /= total);
     Ok(ClassDistribution { probs, unresolved })
 }
@@ -230,11 +293,25 @@ pub fn class_distribution<B: Backend>(
 /// Puts a child prefix's mass where it belongs: its class when decided or at the length limit,
 /// else back on the heap for expansion.
 #[allow(clippy::too_many_arguments)]
-fn settle(probs: &mut [f64], heap: &mut BinaryHeap<Node>, game: &Game, depth: usize, limits: &ExpandLimits, mass: f64, prefix: &[u32], v: u32, text: String) {
+fn settle(
+    probs: &mut [f64],
+    heap: &mut BinaryHeap<Node>,
+    game: &Game,
+    depth: usize,
+    limits: &ExpandLimits,
+    mass: f64,
+    prefix: &[u32],
+    v: u32,
+    text: String,
+) {
     if decided(&text) || depth >= limits.max_new_tokens {
         probs[game.classify(&text)] += mass;
     } else {
-        heap.push(Node { mass, tokens: [prefix, &[v]].concat(), text });
+        heap.push(Node {
+            mass,
+            tokens: [prefix, &[v]].concat(),
+            text,
+        });
     }
 }
 
@@ -256,7 +333,13 @@ mod tests {
 
     #[test]
     fn decided_and_clean() {
-        assert!(decided(" T") && decided("\n\tx") && !decided("  ") && !decided("") && !decided(" \u{FFFD}"));
+        assert!(
+            decided(" T")
+                && decided("\n\tx")
+                && !decided("  ")
+                && !decided("")
+                && !decided(" \u{FFFD}")
+        );
         assert!(decided(" \u{FFFD}x") && decided("\u{FFFD}\u{FFFD}"));
         assert!(clean(" \n") && !clean("\u{FFFD}"));
     }

@@ -20,8 +20,12 @@ const FAMILY: &str = "sans-serif";
 
 fn register_font() -> Result<()> {
     static ONCE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let ok = *ONCE.get_or_init(|| plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
-    anyhow::ensure!(ok, "the shipped font assets/fonts/DejaVuSans.ttf could not be loaded");
+    let ok = *ONCE
+        .get_or_init(|| plotters::style::register_font(FAMILY, FontStyle::Normal, FONT).is_ok());
+    anyhow::ensure!(
+        ok,
+        "the shipped font assets/fonts/DejaVuSans.ttf could not be loaded"
+    );
     Ok(())
 }
 
@@ -39,7 +43,11 @@ pub struct Series {
 
 impl Series {
     pub fn new(name: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
-        Series { name: name.into(), points, bars: vec![] }
+        Series {
+            name: name.into(),
+            points,
+            bars: vec![],
+        }
     }
 }
 
@@ -51,7 +59,14 @@ pub struct Panel {
     pub series: Vec<Series>,
 }
 
-const COLORS: [RGBColor; 6] = [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189), RGBColor(255, 127, 14), RGBColor(23, 190, 207)];
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(255, 127, 14),
+    RGBColor(23, 190, 207),
+];
 
 fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
@@ -62,13 +77,45 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
-    let pad = if hi > lo { 0.05 * (hi - lo) } else { 0.5 * lo.abs().max(1e-3) };
+    let pad = if hi > lo {
+        0.05 * (hi - lo)
+    } else {
+        0.5 * lo.abs().max(1e-3)
+    };
     (lo - pad, hi + pad)
 }
 
-fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, panel: &Panel, path: &Path) -> Result<()> {
-    let xs = panel.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-    let ys = panel.series.iter().flat_map(|s| s.points.iter().map(|p| p.1).chain(s.bars.iter().flat_map(|b| [b.1, b.2])));
+/// A tick label: plain decimals (trailing zeros dropped) for ordinary magnitudes, else scientific.
+fn tick(v: &f64) -> String {
+    let a = v.abs();
+    if a == 0.0 || (1e-3..1e5).contains(&a) {
+        let s = format!("{v:.4}");
+        let s = s.trim_end_matches('0').trim_end_matches('.');
+        if s == "-0" {
+            "0".into()
+        } else {
+            s.into()
+        }
+    } else {
+        format!("{v:.2e}")
+    }
+}
+
+fn draw_panel(
+    area: &DrawingArea<BitMapBackend<'_>, Shift>,
+    panel: &Panel,
+    path: &Path,
+) -> Result<()> {
+    let xs = panel
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.0));
+    let ys = panel.series.iter().flat_map(|s| {
+        s.points
+            .iter()
+            .map(|p| p.1)
+            .chain(s.bars.iter().flat_map(|b| [b.1, b.2]))
+    });
     let (x0, x1) = range(xs);
     let (y0, y1) = range(ys);
     let mut chart = ChartBuilder::on(area)
@@ -83,21 +130,31 @@ fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, panel: &Panel, path:
         .x_desc(panel.x_label.as_str())
         .y_desc(panel.y_label.as_str())
         .label_style((FAMILY, 14))
-        .y_label_formatter(&|v| format!("{v:.3e}").replace("e0", ""))
+        .x_label_formatter(&tick)
+        .y_label_formatter(&tick)
         .draw()
         .map_err(plot_err(path))?;
     for (i, s) in panel.series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         chart
-            .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+            .draw_series(LineSeries::new(
+                s.points.iter().copied(),
+                color.stroke_width(2),
+            ))
             .map_err(plot_err(path))?
             .label(s.name.as_str())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         if s.points.len() <= 40 {
-            chart.draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(plot_err(path))?;
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(plot_err(path))?;
         }
         chart
-            .draw_series(s.bars.iter().map(|&(x, lo, hi)| ErrorBar::new_vertical(x, lo, (lo + hi) / 2.0, hi, color.stroke_width(1), 8)))
+            .draw_series(s.bars.iter().map(|&(x, lo, hi)| {
+                ErrorBar::new_vertical(x, lo, (lo + hi) / 2.0, hi, color.stroke_width(1), 8)
+            }))
             .map_err(plot_err(path))?;
     }
     if panel.series.len() > 1 || panel.series.first().is_some_and(|s| !s.name.is_empty()) {
@@ -118,13 +175,17 @@ pub fn draw_panels(path: &Path, panels: &[Panel], cols: usize) -> Result<()> {
     register_font()?;
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     // The image encoder picks the format from the extension: keep `.png` on the temporary name.
     let tmp: PathBuf = dir.join(format!(".{name}.tmp-{}.png", std::process::id()));
     let cols = cols.max(1);
     let rows = panels.len().div_ceil(cols).max(1);
     let result = (|| -> Result<()> {
-        let root = BitMapBackend::new(&tmp, (560 * cols as u32, 400 * rows as u32)).into_drawing_area();
+        let root =
+            BitMapBackend::new(&tmp, (560 * cols as u32, 400 * rows as u32)).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err(path))?;
         let areas = root.split_evenly((rows, cols));
         for (area, panel) in areas.iter().zip(panels) {
@@ -137,7 +198,8 @@ pub fn draw_panels(path: &Path, panels: &[Panel], cols: usize) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
@@ -147,24 +209,48 @@ fn read_jsonl(path: &Path) -> Result<Vec<serde_json::Value>> {
         Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
     };
     // A malformed line (e.g. cut by a crash) is skipped: plots are a view, not a record.
-    Ok(text.lines().filter_map(|l| serde_json::from_str(l).ok()).collect())
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
 }
 
 /// Writes `plots/training.png` (when metrics.jsonl has steps) and `plots/eval.png` (when
 /// eval.json exists); returns the files written.
 pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
     let mut written = vec![];
-    let steps: Vec<serde_json::Value> = read_jsonl(&run_dir.join("metrics.jsonl"))?.into_iter().filter(|v| v.get("step").is_some() && v.get("loss").is_some()).collect();
+    let steps: Vec<serde_json::Value> = read_jsonl(&run_dir.join("metrics.jsonl"))?
+        .into_iter()
+        .filter(|v| v.get("step").is_some() && v.get("loss").is_some())
+        .collect();
     if !steps.is_empty() {
-        let series = |key: &str| -> Vec<(f64, f64)> { steps.iter().enumerate().filter_map(|(i, v)| v[key].as_f64().map(|y| ((i + 1) as f64, y))).collect() };
-        let panel = |title: &str, y: &str, s: Vec<Series>| Panel { title: title.into(), x_label: "optimizer step (all iterations)".into(), y_label: y.into(), series: s };
+        let series = |key: &str| -> Vec<(f64, f64)> {
+            steps
+                .iter()
+                .enumerate()
+                .filter_map(|(i, v)| v[key].as_f64().map(|y| ((i + 1) as f64, y)))
+                .collect()
+        };
+        let panel = |title: &str, y: &str, s: Vec<Series>| Panel {
+            title: title.into(),
+            x_label: "optimizer step (all iterations)".into(),
+            y_label: y.into(),
+            series: s,
+        };
         let panels = vec![
             panel("loss", "loss", vec![Series::new("", series("loss"))]),
-            panel("gradient norm (before clipping)", "grad norm", vec![Series::new("", series("grad_norm"))]),
+            panel(
+                "gradient norm (before clipping)",
+                "grad norm",
+                vec![Series::new("", series("grad_norm"))],
+            ),
             panel(
                 "log-ratios log π/π_ref",
                 "nats",
-                vec![Series::new("chosen", series("chosen_logratio")), Series::new("rejected", series("rejected_logratio"))],
+                vec![
+                    Series::new("chosen", series("chosen_logratio")),
+                    Series::new("rejected", series("rejected_logratio")),
+                ],
             ),
             panel("learning rate", "lr", vec![Series::new("", series("lr"))]),
         ];
@@ -174,31 +260,63 @@ pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let eval_path = run_dir.join("eval.json");
     if eval_path.exists() {
-        let text = std::fs::read_to_string(&eval_path).with_context(|| format!("{}: cannot read", eval_path.display()))?;
-        let report: super::eval::EvalReport = serde_json::from_str(&text).with_context(|| format!("{}: malformed", eval_path.display()))?;
+        let text = std::fs::read_to_string(&eval_path)
+            .with_context(|| format!("{}: cannot read", eval_path.display()))?;
+        let report: super::eval::EvalReport = serde_json::from_str(&text)
+            .with_context(|| format!("{}: malformed", eval_path.display()))?;
         let mut panels = vec![];
         let mut win = vec![];
         for (name, pick) in [
-            ("vs base", (|p: &super::eval::PolicyEval| p.win_rate_vs_base) as fn(&super::eval::PolicyEval) -> Option<super::eval::Interval>),
+            (
+                "vs base",
+                (|p: &super::eval::PolicyEval| p.win_rate_vs_base)
+                    as fn(&super::eval::PolicyEval) -> Option<super::eval::Interval>,
+            ),
             ("vs previous iteration", |p| p.win_rate_vs_previous),
         ] {
-            let ivs: Vec<(f64, super::eval::Interval)> = report.policies.iter().filter_map(|p| pick(p).map(|iv| (p.iteration as f64, iv))).collect();
+            let ivs: Vec<(f64, super::eval::Interval)> = report
+                .policies
+                .iter()
+                .filter_map(|p| pick(p).map(|iv| (p.iteration as f64, iv)))
+                .collect();
             if !ivs.is_empty() {
-                win.push(Series { name: name.into(), points: ivs.iter().map(|(x, iv)| (*x, iv.mean)).collect(), bars: ivs.iter().map(|(x, iv)| (*x, iv.lo, iv.hi)).collect() });
+                win.push(Series {
+                    name: name.into(),
+                    points: ivs.iter().map(|(x, iv)| (*x, iv.mean)).collect(),
+                    bars: ivs.iter().map(|(x, iv)| (*x, iv.lo, iv.hi)).collect(),
+                });
             }
         }
         if !win.is_empty() {
-            panels.push(Panel { title: format!("win-rate ({}, 95% bootstrap interval)", report.oracle), x_label: "iteration".into(), y_label: "win-rate".into(), series: win });
+            panels.push(Panel {
+                title: format!("win-rate ({}, 95% bootstrap interval)", report.oracle),
+                x_label: "iteration".into(),
+                y_label: "win-rate".into(),
+                series: win,
+            });
         }
-        let games: Vec<(f64, &super::eval::GameFigures)> = report.policies.iter().filter_map(|p| p.game.as_ref().map(|g| (p.iteration as f64, g))).collect();
+        let games: Vec<(f64, &super::eval::GameFigures)> = report
+            .policies
+            .iter()
+            .filter_map(|p| p.game.as_ref().map(|g| (p.iteration as f64, g)))
+            .collect();
         if !games.is_empty() {
             panels.push(Panel {
                 title: "exploitability (exact)".into(),
                 x_label: "iteration".into(),
                 y_label: "max_c P(c > π) - 1/2".into(),
                 series: vec![
-                    Series::new("last iterate π_t", games.iter().map(|(x, g)| (*x, g.exploitability)).collect()),
-                    Series::new("mixture of π_0..π_t", games.iter().map(|(x, g)| (*x, g.mixture_exploitability)).collect()),
+                    Series::new(
+                        "last iterate π_t",
+                        games.iter().map(|(x, g)| (*x, g.exploitability)).collect(),
+                    ),
+                    Series::new(
+                        "mixture of π_0..π_t",
+                        games
+                            .iter()
+                            .map(|(x, g)| (*x, g.mixture_exploitability))
+                            .collect(),
+                    ),
                 ],
             });
         }
