@@ -36,6 +36,10 @@ enum Cmd {
     Train(TrainArgs),
     /// The SPPO loop: sample, rank, train for N iterations (resumable).
     Run(RunArgs),
+    /// Evaluate a run's checkpoints on held-out prompts: win-rates, game exploitability, plots.
+    Eval(EvalArgs),
+    /// Redraw a run's plots (plots/*.png) from its metrics and evaluation.
+    Plot(PlotArgs),
     /// Show the devices sppo can use.
     Info,
 }
@@ -174,6 +178,28 @@ struct RunArgs {
     log_json: bool,
 }
 
+#[derive(Args)]
+struct EvalArgs {
+    /// The run directory (finished or partial: every completed checkpoint is evaluated).
+    #[arg(long)]
+    run_dir: PathBuf,
+    /// Held-out prompts (default: the run's `eval_prompts` tail of its prompt file).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Judge with this oracle instead of the run's.
+    #[arg(long)]
+    oracle: Option<String>,
+    /// Responses per prompt and policy (default: the run's `eval_num_samples`).
+    #[arg(long)]
+    num_samples: Option<u32>,
+}
+
+#[derive(Args)]
+struct PlotArgs {
+    #[arg(long)]
+    run_dir: PathBuf,
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -199,6 +225,13 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Rank(a) => cmd_rank(a),
         Cmd::Train(a) => cmd_train(a, cli.threads),
         Cmd::Run(a) => cmd_run(a, cli.threads),
+        Cmd::Eval(a) => cmd_eval(a, cli.threads),
+        Cmd::Plot(a) => {
+            for p in sppo::run::plots::write_plots(&a.run_dir)? {
+                eprintln!("wrote {}", p.display());
+            }
+            Ok(())
+        }
         Cmd::Info => {
             println!("cpu: {} threads", rayon::current_num_threads());
             println!("cuda: {}", sppo::backend::cuda::probe());
@@ -403,5 +436,20 @@ fn cmd_run(a: RunArgs, threads: Option<usize>) -> Result<()> {
     let report = Reporter::new(mode);
     let last = sppo::run::run(&cfg, a.resume.is_some(), threads, &report)?;
     report.info(&format!("done: last checkpoint {}\nmetrics: {}", last.display(), cfg.run_dir.join("metrics.jsonl").display()));
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs, threads: Option<usize>) -> Result<()> {
+    let report = sppo::run::eval::eval_run(&a.run_dir, a.prompts.as_deref(), a.oracle.as_deref(), a.num_samples, threads)?;
+    let pct = |iv: &Option<sppo::run::eval::Interval>| iv.map_or("-".to_string(), |iv| format!("{:.3} [{:.3}, {:.3}]", iv.mean, iv.lo, iv.hi));
+    println!("{} prompts × {} samples, judged by {}; {}", report.prompts, report.num_samples, report.oracle, report.interval);
+    for p in &report.policies {
+        let mut line = format!("iteration {}: win-rate vs base {}, vs previous {}", p.iteration, pct(&p.win_rate_vs_base), pct(&p.win_rate_vs_previous));
+        if let Some(g) = &p.game {
+            line.push_str(&format!("; exploitability {:.4} (mixture {:.4})", g.exploitability, g.mixture_exploitability));
+        }
+        println!("{line}");
+    }
+    eprintln!("wrote {} and {}", a.run_dir.join("eval.json").display(), a.run_dir.join("alpaca_eval").display());
     Ok(())
 }

@@ -34,6 +34,9 @@ pub struct RunKeys {
     /// Held-out prompts for evaluation (taken from the end of the prompt file).
     #[arg(long)]
     pub eval_prompts: Option<usize>,
+    /// Responses sampled per held-out prompt and policy for the win-rates (default 1).
+    #[arg(long)]
+    pub eval_num_samples: Option<u32>,
     // ---- sampling ----
     /// Responses sampled per prompt (K).
     #[arg(long)]
@@ -157,6 +160,7 @@ pub struct RunConfig {
     pub iterations: u32,
     pub prompts_per_iteration: Option<usize>,
     pub eval_prompts: usize,
+    pub eval_num_samples: u32,
     pub num_samples: u32,
     pub max_new_tokens: usize,
     pub temperature: f32,
@@ -219,6 +223,7 @@ impl RunConfig {
             iterations: k.iterations.unwrap_or(3),
             prompts_per_iteration: k.prompts_per_iteration,
             eval_prompts: k.eval_prompts.unwrap_or(0),
+            eval_num_samples: k.eval_num_samples.unwrap_or(1),
             num_samples: k.num_samples.unwrap_or(5),
             max_new_tokens: k.max_new_tokens.unwrap_or(1024),
             temperature: k.temperature.unwrap_or(0.7),
@@ -280,6 +285,7 @@ impl RunConfig {
             (self.gradient_accumulation_steps, "gradient_accumulation_steps"),
             (self.generation_batch_size, "generation_batch_size"),
             (self.save_steps, "save_steps"),
+            (self.eval_num_samples as usize, "eval_num_samples"),
         ] {
             if v == 0 {
                 bail!("`{key}` must be at least 1");

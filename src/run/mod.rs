@@ -29,11 +29,16 @@
 //!                             checkpoint is saved)
 //! iter-<t>/checkpoint/        π_{t+1} in Hugging Face format
 //! ```
+//! After each checkpoint, the `eval` stage ([`eval::stage`]) writes the held-out win-rates (and,
+//! on a game, the exact exploitability) into eval.json and metrics.jsonl, and `plots/` is redrawn.
 
+pub mod classes;
 pub mod config;
+pub mod eval;
 pub mod manifest;
 pub mod memory;
 pub mod metrics;
+pub mod plots;
 pub mod report;
 
 use crate::backend::cpu::CpuBackend;
@@ -200,9 +205,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
     }
 
     // Prompts: the held-out tail for evaluation, the rest split across iterations.
-    let mut prompts = load_prompts(&cfg.prompts)?;
-    ensure!(prompts.len() > cfg.eval_prompts, "{}: {} prompts, {} held out for evaluation: none left to train on", cfg.prompts.display(), prompts.len(), cfg.eval_prompts);
-    prompts.truncate(prompts.len() - cfg.eval_prompts);
+    let (prompts, _held_out) = split_prompts(cfg, report)?;
     let per_iter = cfg.prompts_per_iteration.unwrap_or(prompts.len() / cfg.iterations as usize).max(1);
     let b = CpuBackend::new(threads)?;
     let mut oracle: Option<Box<dyn crate::oracle::Oracle>> = None;
@@ -220,6 +223,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
                 std::fs::remove_dir_all(dir.join("train")).with_context(|| format!("removing {}", dir.join("train").display()))?;
             }
             policy_dir = checkpoint;
+            eval::stage(&b, cfg, &mut manifest, t, &mut metrics, report)?;
             continue;
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -354,8 +358,75 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
         report.stage_end(t, "checkpoint", started.elapsed().as_secs_f64(), &json!({"path": checkpoint}));
         report.info(&format!("iteration {t}: checkpoint {}", checkpoint.display()));
         policy_dir = checkpoint;
+        eval::stage(&b, cfg, &mut manifest, t, &mut metrics, report)?;
     }
     Ok(policy_dir)
+}
+
+/// The run's prompts: (training prompts in file order, the held-out evaluation prompts). The
+/// held-out set is the last `eval_prompts` usable prompts of the file, training takes the usable
+/// ones before them. A prompt is usable when its chat rendering with the generation prompt fits
+/// in `max_prompt_length` tokens: sampling then conditions on exactly the prompt that training
+/// scores (the reference samples from the whole prompt but trains on its left-truncated tail),
+/// and a scraped set's multi-thousand-token prompts do not stall a CPU run. Prompts are tokenized
+/// lazily, only as far as the run needs them.
+pub fn split_prompts(cfg: &RunConfig, report: &Reporter) -> Result<(Vec<PromptRecord>, Vec<PromptRecord>)> {
+    let all = load_prompts(&cfg.prompts)?;
+    let vocab = crate::config::ModelConfig::from_model_dir(&cfg.model)?.vocab_size;
+    let codec = TextCodec::from_model_dir(&cfg.model, vocab)?
+        .with_context(|| format!("{}: the loop needs tokenizer.json and a chat template", cfg.model.display()))?;
+    let fits = |p: &PromptRecord| -> Result<bool> {
+        let ids = crate::chat::encode_chat(&codec.tokenizer, &codec.template, &p.messages, true)
+            .map_err(|e| e.context(format!("{}: prompt {}", cfg.prompts.display(), p.id)))?;
+        Ok(ids.len() <= cfg.max_prompt_length)
+    };
+    let mut skipped = 0usize;
+    let mut held_out = Vec::new();
+    let mut end = all.len();
+    while held_out.len() < cfg.eval_prompts && end > 0 {
+        end -= 1;
+        if fits(&all[end])? {
+            held_out.push(all[end].clone());
+        } else {
+            skipped += 1;
+        }
+    }
+    held_out.reverse();
+    let wanted = cfg.prompts_per_iteration.map(|n| n * cfg.iterations as usize);
+    let mut train = Vec::new();
+    for p in &all[..end] {
+        if wanted.is_some_and(|w| train.len() >= w) {
+            break;
+        }
+        if fits(p)? {
+            train.push(p.clone());
+        } else {
+            skipped += 1;
+        }
+    }
+    if skipped > 0 {
+        report.info(&format!(
+            "{}: skipped {skipped} prompts longer than max_prompt_length = {} tokens with the chat template",
+            cfg.prompts.display(),
+            cfg.max_prompt_length
+        ));
+    }
+    ensure!(
+        held_out.len() == cfg.eval_prompts,
+        "{}: only {} prompts fit max_prompt_length = {} tokens, {} wanted for evaluation",
+        cfg.prompts.display(),
+        held_out.len(),
+        cfg.max_prompt_length,
+        cfg.eval_prompts
+    );
+    ensure!(
+        !train.is_empty(),
+        "{}: no prompt left to train on ({} held out for evaluation; prompts longer than max_prompt_length = {} tokens are skipped)",
+        cfg.prompts.display(),
+        cfg.eval_prompts,
+        cfg.max_prompt_length
+    );
+    Ok((train, held_out))
 }
 
 /// Samples `chunk` in fixed shards appended to `generations.partial.jsonl`, resuming after the

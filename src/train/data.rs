@@ -89,7 +89,12 @@ impl Tokenization<'_> {
             }
             Selection::All => {
                 let responses = rec.get("responses").and_then(Value::as_array).context("`--train-on all` needs `responses`")?;
-                let winrates = rec.get("winrates").and_then(Value::as_array).context("`--train-on all` needs per-response `winrates`")?;
+                // `sppo rank` writes `win_rates`; `winrates` is accepted too.
+                let winrates = rec
+                    .get("win_rates")
+                    .or_else(|| rec.get("winrates"))
+                    .and_then(Value::as_array)
+                    .context("`--train-on all` needs per-response `win_rates`")?;
                 ensure!(responses.len() == winrates.len(), "{} responses but {} winrates", responses.len(), winrates.len());
                 let mut ids = Vec::with_capacity(responses.len());
                 let mut w = Vec::with_capacity(responses.len());
