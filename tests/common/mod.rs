@@ -10,13 +10,7 @@ use std::io::Write;
 /// started as NaN fails). Panics naming `what` and the worst element; on success prints the worst
 /// element's absolute and relative error (shown with `--nocapture`).
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{what}: got {} elements, expected {}",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "{what}: got {} elements, expected {}", got.len(), want.len());
     let mut worst: Option<(usize, f64)> = None; // (index, err / allowed)
     let mut bad = 0usize;
     let mut first_bad = None;
@@ -52,10 +46,7 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         got.len()
     );
     if bad > 0 {
-        panic!(
-            "{summary}\n  {bad} outside tolerance (first at [{}]), {nans} NaN in got",
-            first_bad.unwrap_or(i)
-        );
+        panic!("{summary}\n  {bad} outside tolerance (first at [{}]), {nans} NaN in got", first_bad.unwrap_or(i));
     }
     println!("ok {summary}");
 }
@@ -113,13 +104,7 @@ macro_rules! gpu_or_skip {
 
 /// Relative error of whole tensors, ‖got − want‖ / ‖want‖ in f64; panics on a non-finite value.
 pub fn rel_error(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "length {} vs {}",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "length {} vs {}", got.len(), want.len());
     let (mut num, mut den) = (0f64, 0f64);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         assert!(g.is_finite(), "element {i} is {g} (want {w})");
@@ -139,10 +124,7 @@ pub fn smollm2_gguf() -> Option<std::path::PathBuf> {
     if p.exists() {
         Some(p)
     } else {
-        print_skip(
-            "smollm2",
-            &format!("{} is missing (run scripts/setup)", p.display()),
-        );
+        print_skip("smollm2", &format!("{} is missing (run scripts/setup)", p.display()));
         None
     }
 }
