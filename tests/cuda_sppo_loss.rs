@@ -117,10 +117,10 @@ fn reference(
             }
             LossForm::All => {
                 let mut loss = 0.0;
-                for s in lo..hi {
+                for (s, d) in dpolicy.iter_mut().enumerate().take(hi).skip(lo) {
                     let (l, g) = single_loss(beta, pol(s), rf(s), x.probs[s].into());
                     loss += l;
-                    dpolicy[s] = g / den;
+                    *d = g / den;
                 }
                 let w = &x.probs[lo..hi];
                 let best = lo
