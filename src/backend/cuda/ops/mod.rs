@@ -2,7 +2,9 @@
 
 pub mod attention;
 pub mod logprobs;
+pub mod optimizer;
 pub mod rmsnorm;
+pub mod sppo_loss;
 
 /// Element types the kernels are written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
