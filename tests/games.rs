@@ -93,7 +93,7 @@ fn run(
     );
     let keys: RunKeys = toml::from_str(&toml_text).unwrap();
     let cfg = RunConfig::resolve(&keys).unwrap();
-    sppo::run::run(&cfg, false, Some(2)).unwrap();
+    sppo::run::run(&cfg, false, Some(2), &sppo::run::report::Reporter::new(sppo::run::report::LogMode::Quiet)).unwrap();
     serde_json::from_str(&std::fs::read_to_string(run_dir.join("eval.json")).unwrap()).unwrap()
 }
 
