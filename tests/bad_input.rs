@@ -250,19 +250,22 @@ fn run_prompts_without_text_or_without_room_for_a_response() {
     let model = chat_model(tmp.path());
     let prompts = tmp.path().join("prompts.jsonl");
     let cfg = tmp.path().join("sppo.toml");
-    let run = |name: &str| {
+    let run = |name: &str, extra: &str| {
         write(
             &cfg,
             &format!(
-                "model = {model:?}\nprompts = {prompts:?}\noracle = 'game:rps'\nrun_dir = {:?}\niterations = 1\nnum_samples = 2\nmax_new_tokens = 4\n",
+                "model = {model:?}\nprompts = {prompts:?}\noracle = 'game:rps'\nrun_dir = {:?}\niterations = 1\nnum_samples = 2\nmax_new_tokens = 4\n{extra}",
                 tmp.path().join(name)
             ),
         );
         cfg.to_str().unwrap().to_string()
     };
     write(&prompts, "{\"id\": \"a\", \"text\": \"hello\"}\n");
-    expect_error(&["run", "--config", &run("r1")], &["prompts.jsonl"]);
-    // 3000 words: more tokens than the model's 2048-token context.
+    expect_error(&["run", "--config", &run("r1", "")], &["prompts.jsonl"]);
+    // 3000 words: more tokens than max_prompt_length (512 by default): skipped, none left.
     write(&prompts, &format!("{{\"id\": \"long\", \"prompt\": \"{}\"}}\n", "word ".repeat(3000)));
-    expect_error(&["run", "--config", &run("r2")], &["long", "no room for a response"]);
+    expect_error(&["run", "--config", &run("r2", "")], &["prompts.jsonl", "skipped 1 prompts longer than max_prompt_length", "no prompt left to train on"]);
+    // Allowed by max_prompt_length but more tokens than the model's 2048-token context.
+    let roomy = "max_length = 8192\nmax_prompt_length = 4096\n";
+    expect_error(&["run", "--config", &run("r3", roomy)], &["long", "no room for a response"]);
 }
