@@ -85,6 +85,19 @@ fn range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
+/// An oracle spec shortened for a title: `similarity:.cache/models/all-MiniLM-L6-v2` →
+/// `similarity:all-MiniLM-L6-v2` (the directory's last component; options dropped).
+fn short_oracle(spec: &str) -> String {
+    match spec.split_once(':') {
+        Some((kind, rest)) if kind != "command" => {
+            let target = rest.split(',').next().unwrap_or(rest).trim_end_matches('/');
+            let last = target.rsplit('/').next().unwrap_or(target);
+            format!("{kind}:{last}")
+        }
+        _ => spec.chars().take(40).collect(),
+    }
+}
+
 /// A tick label: plain decimals (trailing zeros dropped) for ordinary magnitudes, else scientific.
 fn tick(v: &f64) -> String {
     let a = v.abs();
@@ -116,7 +129,11 @@ fn draw_panel(
             .map(|p| p.1)
             .chain(s.bars.iter().flat_map(|b| [b.1, b.2]))
     });
+    let integer_x = panel.series.iter().all(|s| s.points.iter().all(|p| p.0.fract() == 0.0));
     let (x0, x1) = range(xs);
+    // Iterations are whole numbers: one tick per iteration, no fractional labels.
+    let x_ticks = if integer_x && x1 - x0 <= 20.0 { (x1 - x0).ceil() as usize + 1 } else { 10 };
+    let x_tick = move |v: &f64| if integer_x && v.fract() != 0.0 { String::new() } else { tick(v) };
     let (y0, y1) = range(ys);
     let mut chart = ChartBuilder::on(area)
         .caption(&panel.title, (FAMILY, 20))
@@ -130,7 +147,8 @@ fn draw_panel(
         .x_desc(panel.x_label.as_str())
         .y_desc(panel.y_label.as_str())
         .label_style((FAMILY, 14))
-        .x_label_formatter(&tick)
+        .x_labels(x_ticks)
+        .x_label_formatter(&x_tick)
         .y_label_formatter(&tick)
         .draw()
         .map_err(plot_err(path))?;
@@ -289,7 +307,7 @@ pub fn write_plots(run_dir: &Path) -> Result<Vec<PathBuf>> {
         }
         if !win.is_empty() {
             panels.push(Panel {
-                title: format!("win-rate ({}, 95% bootstrap interval)", report.oracle),
+                title: format!("win-rate, 95% interval ({})", short_oracle(&report.oracle)),
                 x_label: "iteration".into(),
                 y_label: "win-rate".into(),
                 series: win,
