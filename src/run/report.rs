@@ -106,7 +106,8 @@ impl Reporter {
     /// An evaluation result (for the evaluation stage).
     pub fn eval(&self, line: &Value) {
         match self.mode {
-            LogMode::Normal | LogMode::Verbose => eprintln!("eval: {line}"),
+            LogMode::Normal => eprintln!("{}", eval_summary(line)),
+            LogMode::Verbose => eprintln!("{}\n  {line}", eval_summary(line)),
             LogMode::Json => self.json("eval", line.clone()),
             LogMode::Quiet => {}
         }
@@ -123,5 +124,26 @@ impl Reporter {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         pb
+    }
+}
+
+/// One readable line from an eval metrics line: win-rates with their intervals, exploitability.
+fn eval_summary(line: &Value) -> String {
+    let mut parts = Vec::new();
+    for (key, what) in [("eval_win_rate_vs_base", "win-rate vs base"), ("eval_win_rate_vs_previous", "vs previous")] {
+        if let (Some(m), Some(lo), Some(hi)) =
+            (line[key].as_f64(), line[format!("{key}_lo")].as_f64(), line[format!("{key}_hi")].as_f64())
+        {
+            parts.push(format!("{what} {m:.3} [{lo:.3}, {hi:.3}]"));
+        }
+    }
+    if let (Some(e), Some(mix)) = (line["eval_exploitability"].as_f64(), line["eval_mixture_exploitability"].as_f64()) {
+        parts.push(format!("exploitability {e:.4} (mixture of iterates {mix:.4})"));
+    }
+    let it = line["iteration"].as_u64().unwrap_or(0);
+    if parts.is_empty() {
+        format!("iteration {it}: evaluated")
+    } else {
+        format!("iteration {it}: {}", parts.join(", "))
     }
 }
