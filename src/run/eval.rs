@@ -583,19 +583,22 @@ pub fn eval_line(p: &PolicyEval) -> Value {
 
 /// The `eval` stage of iteration `t` in `sppo run`, after its checkpoint: evaluates the base and
 /// iterations 1..=t (cached samples are reused), adds iteration t's line (`kind` = eval) to the
-/// metrics (a line left by an interrupted earlier attempt is replaced) and records the stage. Without held-out prompts the stage records
-/// itself as skipped. Plots are rewritten either way (a plotting failure only warns).
+/// metrics (a line left by an interrupted earlier attempt is replaced) and records the stage.
+/// `held_out` is the run's evaluation set ([`super::split_prompts`], computed once per run, not
+/// reloaded per iteration). Without held-out prompts the stage records itself as skipped. Plots are rewritten either way (a plotting failure only warns).
 pub fn stage(
     b: &CpuBackend,
     cfg: &RunConfig,
     manifest: &mut Manifest,
     t: u32,
+    held_out: &[PromptRecord],
     metrics: &mut super::metrics::MetricsLog,
     report: &super::report::Reporter,
 ) -> Result<()> {
     let run_dir = &cfg.run_dir;
     if !manifest.is_done(t, Stage::Eval) {
-        match EvalSettings::from_run_config(cfg)? {
+        let settings = (cfg.eval_prompts > 0).then(|| EvalSettings::with_prompts(cfg, held_out.to_vec()));
+        match settings {
             None => manifest.complete(
                 run_dir,
                 t,

@@ -205,7 +205,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
     }
 
     // Prompts: the held-out tail for evaluation, the rest split across iterations.
-    let (prompts, _held_out) = split_prompts(cfg, report)?;
+    let (prompts, held_out) = split_prompts(cfg, report)?;
     let per_iter = cfg.prompts_per_iteration.unwrap_or(prompts.len() / cfg.iterations as usize).max(1);
     let b = CpuBackend::new(threads)?;
     let mut oracle: Option<Box<dyn crate::oracle::Oracle>> = None;
@@ -223,7 +223,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
                 std::fs::remove_dir_all(dir.join("train")).with_context(|| format!("removing {}", dir.join("train").display()))?;
             }
             policy_dir = checkpoint;
-            eval::stage(&b, cfg, &mut manifest, t, &mut metrics, report)?;
+            eval::stage(&b, cfg, &mut manifest, t, &held_out, &mut metrics, report)?;
             continue;
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -358,7 +358,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
         report.stage_end(t, "checkpoint", started.elapsed().as_secs_f64(), &json!({"path": checkpoint}));
         report.info(&format!("iteration {t}: checkpoint {}", checkpoint.display()));
         policy_dir = checkpoint;
-        eval::stage(&b, cfg, &mut manifest, t, &mut metrics, report)?;
+        eval::stage(&b, cfg, &mut manifest, t, &held_out, &mut metrics, report)?;
     }
     Ok(policy_dir)
 }
