@@ -7,7 +7,7 @@
 
 use sppo::backend::cpu::CpuBackend;
 use sppo::config::ModelConfig;
-use sppo::generate::{generate, GenOptions, GenRequest};
+use sppo::generate::{generate, DecodeWeights, GenOptions, GenRequest};
 use sppo::model::{weights::ParamLayout, Activations, Batch, Llama};
 use sppo::sampling::SamplingParams;
 use std::time::Instant;
@@ -49,14 +49,21 @@ fn main() -> anyhow::Result<()> {
     let n = batch.len();
     let reps = 3;
 
+    // SPPO_BENCH_ONLY=forward|forward_backward|sampling|sampling_bf16 runs one measure (for profiling).
+    let only = std::env::var("SPPO_BENCH_ONLY").ok();
+    let wanted = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let mut acts = Activations::new(&b, &cfg, n, false)?;
-    let fwd = time(reps, || model.forward(&b, &batch, &mut acts).expect("forward"));
+    let fwd = if wanted("forward") { time(reps, || model.forward(&b, &batch, &mut acts).expect("forward")) } else { f64::NAN };
     let mut grads = model.alloc_grads(&b)?;
     let w = vec![1.0f32; BATCH];
-    let fwdbwd = time(reps, || {
-        model.forward(&b, &batch, &mut acts).expect("forward");
-        model.backward(&b, &batch, &mut acts, &w, &mut grads).expect("backward");
-    });
+    let fwdbwd = if !wanted("forward_backward") {
+        f64::NAN
+    } else {
+        time(reps, || {
+            model.forward(&b, &batch, &mut acts).expect("forward");
+            model.backward(&b, &batch, &mut acts, &w, &mut grads).expect("backward");
+        })
+    };
     let opts = GenOptions {
         sampling: SamplingParams { temperature: 0.7, top_p: 0.9, top_k: 0, min_p: 0.0 },
         max_new_tokens: GEN_NEW,
@@ -65,20 +72,36 @@ fn main() -> anyhow::Result<()> {
         iteration: 0,
         batch_size: GEN_BATCH,
         max_prefill_tokens: 4096,
+        weights: Default::default(),
     };
     let reqs: Vec<GenRequest> = (0..GEN_BATCH)
         .map(|i| GenRequest { prompt_id: i.to_string(), sample_index: 0, prompt_ids: (0..GEN_PROMPT).map(|_| (lcg(&mut s) % 49152) as u32).collect() })
         .collect();
-    let gen = time(1, || {
-        generate(&b, &mut model, &reqs, &opts, |_| {}).expect("generate");
-    });
+    let gen = if !wanted("sampling") {
+        f64::NAN
+    } else {
+        time(1, || {
+            generate(&b, &mut model, &reqs, &opts, |_| {}).expect("generate");
+        })
+    };
+    // The same with the weights rounded to bf16 (`--decode-weights bf16`): decode steps then read
+    // 2 bytes per weight. PyTorch's peer is its own generate in bf16.
+    let opts_bf16 = GenOptions { weights: DecodeWeights::Bf16, ..opts.clone() };
+    let gen_bf16 = if !wanted("sampling_bf16") {
+        f64::NAN
+    } else {
+        time(1, || {
+            generate(&b, &mut model, &reqs, &opts_bf16, |_| {}).expect("generate");
+        })
+    };
 
     let ours = [
         (format!("forward {BATCH}x{SEQ} (tokens/s)"), (n as f64) / fwd),
         (format!("forward+backward {BATCH}x{SEQ} (tokens/s)"), (n as f64) / fwdbwd),
         (format!("sampling batch {GEN_BATCH}, {GEN_NEW} new (tokens/s)"), (GEN_BATCH * GEN_NEW) as f64 / gen),
+        (format!("sampling, bf16 weights (tokens/s)"), (GEN_BATCH * GEN_NEW) as f64 / gen_bf16),
     ];
-    let torch = torch_figures();
+    let torch = if only.is_some() { None } else { torch_figures() };
     println!("\nSmolLM2-135M architecture, random weights, f32, {} threads", rayon::current_num_threads());
     println!("{:<44} {:>12} {:>14} {:>8}", "measure", "sppo", "pytorch", "ratio");
     for (i, (name, v)) in ours.iter().enumerate() {
@@ -112,5 +135,5 @@ fn torch_figures() -> Option<Vec<f64>> {
         return None;
     }
     let v: serde_json::Value = serde_json::from_slice(out.stdout.rsplit(|&c| c == b'\n').find(|l| !l.is_empty())?).ok()?;
-    Some(vec![v["forward"].as_f64()?, v["forward_backward"].as_f64()?, v["sampling"].as_f64()?])
+    Some(vec![v["forward"].as_f64()?, v["forward_backward"].as_f64()?, v["sampling"].as_f64()?, v["sampling_bf16"].as_f64()?])
 }

@@ -345,6 +345,7 @@ fn class_distribution_is_exact() {
         iteration: 0,
         batch_size: 64,
         max_prefill_tokens: 4096,
+        weights: Default::default(),
     };
     let (lines, _) =
         sppo::generate::generate_records(&b, &mut model, &codec, &dir, &records, n, opts, |_| {})

@@ -25,7 +25,7 @@ fn requests() -> Vec<GenRequest> {
 }
 
 fn opts(batch_size: usize, sampling: SamplingParams) -> GenOptions {
-    GenOptions { sampling, max_new_tokens: 12, eos_ids: vec![], seed: 1234, iteration: 1, batch_size, max_prefill_tokens: 16 }
+    GenOptions { sampling, max_new_tokens: 12, eos_ids: vec![], seed: 1234, iteration: 1, batch_size, max_prefill_tokens: 16, weights: Default::default() }
 }
 
 fn run(threads: usize, case: &str, reqs: &[GenRequest], o: &GenOptions) -> Vec<GenOutput> {
@@ -93,4 +93,56 @@ fn prompt_filling_the_context_is_an_error() {
     let req = GenRequest { prompt_id: "long".into(), sample_index: 0, prompt_ids: vec![5; ctx - 1] };
     let out = generate(&b, &mut m, &[req], &opts(1, SamplingParams::greedy()), |_| {}).unwrap();
     assert_eq!((out[0].tokens.len(), out[0].finish), (1, FinishReason::Length));
+}
+
+/// The bf16 copy the CPU backend keeps while generating (`--decode-weights`): exact only when
+/// every weight is representable (then tokens equal the f32 path's); rounded on request, the
+/// same rounded values for few-row (decode) and many-row (prefill) products.
+#[test]
+fn decode_weights_copy_is_exact_or_rounded_consistently() {
+    use sppo::backend::Backend;
+    use sppo::generate::DecodeWeights;
+    let bf16 = |x: f32| half::bf16::from_f32(x).to_f32();
+    let b = CpuBackend::new(Some(2)).unwrap();
+    for case in ["llama_gqa", "mistral_sliding_f16"] {
+        let m = model(&b, case);
+        assert_eq!(b.begin_decode(&m.params, false).unwrap(), None, "{case}: f32 weights are not bf16-exact");
+        b.end_decode();
+        let rounded: Vec<f32> = m.params.iter().map(|&x| bf16(x)).collect();
+        let mut r = Llama::from_flat(&b, m.cfg.clone(), &rounded).unwrap();
+        let kept = b.begin_decode(&r.params, false).unwrap();
+        assert!(kept.as_deref().is_some_and(|k| k.contains("exact")), "{case}: {kept:?}");
+        b.end_decode();
+        // Exact copy: the same tokens as the f32 weights.
+        let p = SamplingParams { temperature: 1.0, top_p: 0.9, top_k: 0, min_p: 0.0 };
+        let reqs = requests();
+        let with = |w: DecodeWeights, bs: usize| GenOptions { weights: w, ..opts(bs, p) };
+        let f32_tokens = generate(&b, &mut r, &reqs, &with(DecodeWeights::F32, 4), |_| {}).unwrap();
+        assert_eq!(generate(&b, &mut r, &reqs, &with(DecodeWeights::Auto, 4), |_| {}).unwrap(), f32_tokens, "{case}");
+        // Rounded copy of the unrounded model: tokens independent of batching.
+        let mut m = m;
+        let base = generate(&b, &mut m, &reqs, &with(DecodeWeights::Bf16, 1), |_| {}).unwrap();
+        assert_eq!(generate(&b, &mut m, &reqs, &with(DecodeWeights::Bf16, 16), |_| {}).unwrap(), base, "{case}: bf16 weights, batch 16");
+    }
+    // Products under a rounded copy equal products with pre-rounded weights, for 3 rows (the
+    // streaming kernel) and 40 rows (gemm on the widened copy), and stop when the copy is dropped.
+    let (ic, oc) = (24, 20);
+    let params: Vec<f32> = (0..ic * oc + 7).map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5).collect();
+    let weight = &params[7..];
+    let pre: Vec<f32> = weight.iter().map(|&x| bf16(x)).collect();
+    for n in [3usize, 40] {
+        let inp: Vec<f32> = (0..n * ic).map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.4).collect();
+        let (mut want, mut got, mut plain, mut after) = (vec![f32::NAN; n * oc], vec![f32::NAN; n * oc], vec![f32::NAN; n * oc], vec![f32::NAN; n * oc]);
+        b.matmul_forward(&mut want, &inp, &pre, ic, oc).unwrap();
+        b.matmul_forward(&mut plain, &inp, weight, ic, oc).unwrap();
+        b.begin_decode(&params, true).unwrap();
+        b.matmul_forward(&mut got, &inp, weight, ic, oc).unwrap();
+        b.end_decode();
+        b.matmul_forward(&mut after, &inp, weight, ic, oc).unwrap();
+        for i in 0..n * oc {
+            assert!((got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()), "n {n} [{i}]: {} vs {}", got[i], want[i]);
+        }
+        assert_ne!(got, plain, "n {n}: the rounded copy was not used");
+        assert_eq!(after, plain, "n {n}: the copy outlived end_decode");
+    }
 }

@@ -123,6 +123,7 @@ fn greedy_generation_matches_transformers() {
                 iteration: 0,
                 batch_size: 2,
                 max_prefill_tokens: 4096,
+                weights: Default::default(),
             };
             // Twice in one batch (different slots) and alone: all equal.
             let reqs: Vec<GenRequest> =

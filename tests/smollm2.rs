@@ -48,6 +48,7 @@ fn answer(qk: QkPermutation) -> Option<String> {
         iteration: 0,
         batch_size: 1,
         max_prefill_tokens: 4096,
+        weights: Default::default(),
     };
     let out = generate(&b, &mut model, &[GenRequest { prompt_id: "paris".into(), sample_index: 0, prompt_ids: prompt }], &opts, |_| {}).unwrap();
     Some(tok.decode(&out[0].tokens, true).unwrap())

@@ -69,6 +69,16 @@ pub trait Backend: Sized {
 
     fn name(&self) -> &'static str;
 
+    /// Generation is about to read `params` (the model's whole flat parameter buffer) without
+    /// changing it until [`Backend::end_decode`]. The backend may keep a compact copy for the
+    /// generation's products: with `round` false only one that gives exactly the same values,
+    /// with `round` true the Linear weights rounded to bf16. Returns what it keeps, for logs.
+    fn begin_decode(&self, _params: Self::View<'_>, _round: bool) -> Result<Option<String>> {
+        Ok(None)
+    }
+    /// Drops what [`Backend::begin_decode`] kept.
+    fn end_decode(&self) {}
+
     // ---- memory ----
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize) -> Result<Self::Buf>;

@@ -113,6 +113,10 @@ pub struct RunKeys {
     /// average (counted as `skipped_steps` in metrics.jsonl); 0 (the default) disables it.
     #[arg(long)]
     pub skip_spike_factor: Option<f64>,
+    /// Weights generation reads: auto (a bf16 copy when exact), f32, or bf16 (rounded; faster
+    /// CPU sampling of trained f32 weights).
+    #[arg(long)]
+    pub decode_weights: Option<crate::generate::DecodeWeights>,
 }
 
 impl RunKeys {
@@ -188,6 +192,7 @@ pub struct RunConfig {
     pub save_steps: usize,
     pub save_dtype: String,
     pub skip_spike_factor: f64,
+    pub decode_weights: crate::generate::DecodeWeights,
 }
 
 fn one_of(key: &str, value: &str, choices: &[&str]) -> Result<String> {
@@ -259,6 +264,7 @@ impl RunConfig {
             save_steps: k.save_steps.unwrap_or(50),
             save_dtype: one_of("save_dtype", k.save_dtype.as_deref().unwrap_or("f32"), &["f32", "bf16"])?,
             skip_spike_factor: k.skip_spike_factor.unwrap_or(0.0),
+            decode_weights: k.decode_weights.unwrap_or_default(),
         };
         c.validate()?;
         Ok(c)

@@ -57,6 +57,7 @@ pub struct EvalSettings {
     pub sampling: SamplingParams,
     pub seed: u64,
     pub batch_size: usize,
+    pub decode_weights: crate::generate::DecodeWeights,
 }
 
 impl EvalSettings {
@@ -85,6 +86,7 @@ impl EvalSettings {
             },
             seed: cfg.seed,
             batch_size: cfg.generation_batch_size,
+            decode_weights: cfg.decode_weights,
         }
     }
 
@@ -94,6 +96,10 @@ impl EvalSettings {
             "{}|{}|{}|{:?}|{}",
             self.num_samples, self.max_new_tokens, self.seed, self.sampling, self.oracle
         );
+        // Rounded weights change the samples; auto and f32 give the same tokens.
+        if self.decode_weights == crate::generate::DecodeWeights::Bf16 {
+            text.push_str("|bf16-weights");
+        }
         for p in &self.prompts {
             text.push_str(&format!("|{}", p.id));
             for m in &p.messages {
@@ -205,6 +211,7 @@ fn policy_samples(
         iteration: policy.iteration,
         batch_size: s.batch_size,
         max_prefill_tokens: 4096,
+        weights: s.decode_weights,
     };
     let (lines, _) = generate_records(
         b,

@@ -477,6 +477,7 @@ fn sample(
             iteration: t,
             batch_size: cfg.generation_batch_size,
             max_prefill_tokens: memory::PACKED_TOKENS,
+            weights: cfg.decode_weights,
         };
         let (lines, _) = generate_records(b, model, codec, policy_dir, shard_prompts, cfg.num_samples, opts, |n| {
             new_tokens += n;

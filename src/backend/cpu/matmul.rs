@@ -108,9 +108,31 @@ pub(super) fn forward(be: &CpuBackend, out: &mut [f32], inp: &[f32], weight: &[f
     let n = op.rows("inp", inp.len(), in_dim)?;
     op.len("out", out.len(), op.mul(n, out_dim)?)?;
     op.len("weight", weight.len(), op.mul(out_dim, in_dim)?)?;
+    let threads = match be.gemm_par(n, out_dim, in_dim) {
+        gemm::Parallelism::Rayon(t) => t,
+        _ => 1,
+    };
+    // While generating, a weight inside the parameters has a bf16 copy (decode.rs): few-row
+    // products read it (half the traffic); many-row products are compute-bound and use `gemm`,
+    // on the f32 weight when the copy is exact, else on the rounded copy widened to f32, so that
+    // every product of the generation sees the same values whatever the number of rows.
+    let copy = be.decode_copy();
+    let widened: Vec<f32>;
+    let mut weight = weight;
+    if let Some(c) = copy.as_deref() {
+        if let Some(bits) = c.slice_for(weight) {
+            if n <= SKINNY_MAX_ROWS {
+                super::skinny::forward(out, inp, super::skinny::Weights::Bf16(bits), n, in_dim, out_dim, threads);
+                return Ok(());
+            }
+            if !c.exact {
+                widened = bits.iter().map(|&b| f32::from_bits(u32::from(b) << 16)).collect();
+                weight = &widened;
+            }
+        }
+    }
     if n <= SKINNY_MAX_ROWS {
-        let parallel = matches!(be.gemm_par(n, out_dim, in_dim), gemm::Parallelism::Rayon(_));
-        super::skinny::forward(out, inp, weight, n, in_dim, out_dim, parallel);
+        super::skinny::forward(out, inp, super::skinny::Weights::F32(weight), n, in_dim, out_dim, threads);
         return Ok(());
     }
     // weightᵀ as a (IC, OC) matrix: element (i, o) is weight[o * IC + i].

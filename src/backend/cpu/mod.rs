@@ -16,10 +16,12 @@
 //! products go to `skinny.rs`, which streams the weight once),
 //! `embedding.rs`, `rmsnorm.rs`, `rope.rs`, `attention.rs`, `swiglu.rs`, `logprobs.rs`,
 //! `elementwise.rs`, `optim.rs` (gradient norm, scaling, AdamW, RMSprop); for the BERT encoder
-//! `layernorm.rs`, `gelu.rs`, `bias.rs`.
+//! `layernorm.rs`, `gelu.rs`, `bias.rs`; `decode.rs` keeps the exact bf16 copy of the parameters
+//! that decode steps read while generating.
 
 mod attention;
 mod bias;
+mod decode;
 mod elementwise;
 mod embedding;
 mod gelu;
@@ -52,6 +54,7 @@ fn rows_per_task(row_elems: usize) -> usize {
 #[derive(Clone)]
 pub struct CpuBackend {
     threads: usize,
+    decode_copy: decode::DecodeSlot,
     pool: Arc<rayon::ThreadPool>,
 }
 
@@ -74,7 +77,7 @@ impl CpuBackend {
             .thread_name(|i| format!("sppo-cpu-{i}"))
             .build()
             .map_err(|e| anyhow!("cpu backend: building a rayon pool of {threads} threads: {e}"))?;
-        Ok(Self { threads, pool: Arc::new(pool) })
+        Ok(Self { threads, decode_copy: Default::default(), pool: Arc::new(pool) })
     }
 
     /// Number of worker threads.
@@ -85,6 +88,11 @@ impl CpuBackend {
     /// Runs `f` on this backend's pool, so rayon iterators and `gemm` inside it use its workers.
     fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
         self.pool.install(f)
+    }
+
+    /// The registered bf16 copy of the parameters, if any (`decode.rs`).
+    fn decode_copy(&self) -> Option<Arc<decode::Bf16Copy>> {
+        self.decode_copy.read().map(|g| g.clone()).unwrap_or(None)
     }
 
     /// `gemm` parallelism for an (m, n, k) product: threading a tiny product costs more than it saves.
@@ -146,6 +154,20 @@ impl Backend for CpuBackend {
 
     fn name(&self) -> &'static str {
         "cpu"
+    }
+
+    fn begin_decode(&self, params: &[f32], round: bool) -> Result<Option<String>> {
+        let copy = self.run(|| if round { Some(decode::Bf16Copy::rounded(params)) } else { decode::Bf16Copy::exact(params) });
+        let kind = if round { "rounded" } else { "exact" };
+        let what = copy.as_ref().map(|_| format!("{kind} bf16 copy of {} parameters for generation", params.len()));
+        *self.decode_copy.write().map_err(|_| anyhow!("cpu backend: decode-copy lock poisoned"))? = copy.map(Arc::new);
+        Ok(what)
+    }
+
+    fn end_decode(&self) {
+        if let Ok(mut slot) = self.decode_copy.write() {
+            *slot = None;
+        }
     }
 
     // ---- memory ----

@@ -3,33 +3,85 @@
 //!
 //! `gemm` packs the whole weight matrix on every call, so a decode-step product reads the weights
 //! about twice; for a few rows the product is bound by that traffic (a SmolLM2-135M decode step
-//! reads 540 MB of f32 weights), not by arithmetic. Here every weight row is loaded once, while it
-//! sits in L1 it is multiplied with all `n` input rows (a few KiB, cache-resident).
+//! reads 540 MB of f32 weights), not by arithmetic. Here each 8-float piece of a weight row is
+//! loaded once and multiplied into up to 8 input rows (L1-resident), the weight read as one
+//! sequential stream prefetched a few rows ahead.
 //!
-//! Kernels: `tile_avx2` (x86-64 AVX2 + FMA, picked at run time) and `tile_portable` (any target;
-//! the compiler vectorises its 8-lane accumulators). Both sum each dot product as 8 interleaved
-//! lanes then the lanes, so they differ from `gemm` (and from each other, FMA vs. separate
-//! rounding) only by f32 rounding.
+//! The weight is f32 or a bf16 copy ([`Weights`]): the CPU backend keeps a bf16 copy of the
+//! parameters while generating when that copy is exact (every value representable in bf16, as in
+//! a bf16 checkpoint) or when asked to round (`super::decode`); then every product of the
+//! generation comes here, prefill included, in tasks of weight rows that stay in L2 while each
+//! group of 8 inputs passes over them.
+//!
+//! Kernels: `rowwise_avx2` (x86-64 AVX2 + FMA, picked at run time) and `rowwise_portable` (any
+//! target). Both sum each dot product as 8 interleaved lanes then the lanes, so they differ from
+//! `gemm` (and from each other, FMA vs. separate rounding) only by f32 rounding.
 
 use rayon::prelude::*;
 
-/// Weight rows per rayon task: 64 rows of 576 f32 are 144 KiB, enough to amortise a task.
-const ROWS_PER_TASK: usize = 64;
+/// A weight matrix (OC, IC) as the kernels read it.
+#[derive(Clone, Copy)]
+pub(super) enum Weights<'a> {
+    F32(&'a [f32]),
+    /// bf16 bit patterns; value = f32::from_bits(bits << 16).
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Weights<'a> {
+    fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+        }
+    }
+
+    fn rows(&self, start: usize, end: usize, in_dim: usize) -> Weights<'a> {
+        match *self {
+            Weights::F32(w) => Weights::F32(&w[start * in_dim..end * in_dim]),
+            Weights::Bf16(w) => Weights::Bf16(&w[start * in_dim..end * in_dim]),
+        }
+    }
+}
+
+/// Fewest weight rows per rayon task.
+const MIN_ROWS_PER_TASK: usize = 16;
+/// Tasks per worker thread: a few, so that one slow thread does not idle the others, and equal
+/// in size, so that a product of 192 rows (a K projection) splits evenly over the workers.
+const TASKS_PER_THREAD: usize = 4;
+
+/// Bytes of weight rows a task keeps hot in L2 while it runs every group of 8 inputs over them.
+const L2_BLOCK_BYTES: usize = 192 << 10;
+
+/// Weight rows per task for `out_dim` rows of `row_bytes` over `threads` workers and `n` inputs:
+/// with more than one group of inputs, few enough rows that they stay in L2 between groups.
+fn rows_per_task(out_dim: usize, row_bytes: usize, threads: usize, n: usize) -> usize {
+    let mut rows = out_dim.div_ceil(threads.max(1) * TASKS_PER_THREAD);
+    if n > GROUP {
+        rows = rows.min(L2_BLOCK_BYTES / row_bytes.max(1));
+    }
+    rows.max(MIN_ROWS_PER_TASK)
+}
 
 /// out (n, OC) = inp (n, IC) · weightᵀ (weight (OC, IC)); shapes are checked by the caller.
-pub(super) fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], n: usize, in_dim: usize, out_dim: usize, parallel: bool) {
+/// `threads` > 1 splits the weight rows over the current rayon pool.
+pub(super) fn forward(out: &mut [f32], inp: &[f32], weight: Weights<'_>, n: usize, in_dim: usize, out_dim: usize, threads: usize) {
     debug_assert!(inp.len() == n * in_dim && weight.len() == out_dim * in_dim && out.len() == n * out_dim);
     if n == 0 || out_dim == 0 {
         return;
     }
     // The tasks write (weight row, input row) tiles: out transposed, (OC, n), then transposed back.
     let mut out_t = vec![0.0f32; out_dim * n];
-    let task = |(w, o): (&[f32], &mut [f32])| tile(o, inp, w, n, in_dim);
-    let w_chunks = weight.par_chunks(ROWS_PER_TASK * in_dim);
-    if parallel {
-        w_chunks.zip(out_t.par_chunks_mut(ROWS_PER_TASK * n)).for_each(task);
+    let packed = pack(inp, n, in_dim);
+    let row_bytes = in_dim * if matches!(weight, Weights::F32(_)) { 4 } else { 2 };
+    let rows = rows_per_task(out_dim, row_bytes, threads, n);
+    let task = |(i, o): (usize, &mut [f32])| {
+        let first = i * rows;
+        tile(o, inp, &packed, weight.rows(first, first + o.len() / n, in_dim), n, in_dim)
+    };
+    if threads > 1 {
+        out_t.par_chunks_mut(rows * n).enumerate().for_each(task);
     } else {
-        weight.chunks(ROWS_PER_TASK * in_dim).zip(out_t.chunks_mut(ROWS_PER_TASK * n)).for_each(task);
+        out_t.chunks_mut(rows * n).enumerate().for_each(task);
     }
     for (o, row) in out_t.chunks_exact(n).enumerate() {
         for (r, &x) in row.iter().enumerate() {
@@ -38,23 +90,55 @@ pub(super) fn forward(out: &mut [f32], inp: &[f32], weight: &[f32], n: usize, in
     }
 }
 
-/// out_t (W, n) = weight (W, IC) · inpᵀ for a block of W weight rows.
-fn tile(out_t: &mut [f32], inp: &[f32], weight: &[f32], n: usize, in_dim: usize) {
+/// Input rows per group: one AVX accumulator each, 8 of the 16 registers.
+const GROUP: usize = 8;
+
+/// The inputs for the AVX2 kernel: rows in groups of up to 8, each group interleaved by 8-float
+/// piece, (IC/8, G, 8), so that the G loads of a step sit at constant offsets from one pointer
+/// (addressed as `x + g * in_dim + k`, the compiler chains one add per row and serialises the
+/// loop). Group j starts at `j * 8 * body`; the tails past `body` are read from `inp`.
+fn pack(inp: &[f32], n: usize, in_dim: usize) -> Vec<f32> {
+    let body = in_dim - in_dim % LANES;
+    let mut packed = vec![0.0f32; n * body];
+    for (j, rows) in inp.chunks(GROUP * in_dim).enumerate() {
+        let g_n = rows.len() / in_dim;
+        let dst = &mut packed[j * GROUP * body..];
+        for (g, row) in rows.chunks_exact(in_dim).enumerate() {
+            for (c, piece) in row[..body].chunks_exact(LANES).enumerate() {
+                dst[(c * g_n + g) * LANES..(c * g_n + g + 1) * LANES].copy_from_slice(piece);
+            }
+        }
+    }
+    packed
+}
+
+/// out_t (W, n) = weight (W, IC) · inpᵀ for a block of W weight rows (`packed`: `pack(inp)`).
+fn tile(out_t: &mut [f32], inp: &[f32], packed: &[f32], weight: Weights<'_>, n: usize, in_dim: usize) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { tile_avx2(out_t, inp, weight, n, in_dim) };
+        return unsafe { rowwise_avx2(out_t, inp, packed, weight, n, in_dim) };
     }
-    tile_portable(out_t, inp, weight, n, in_dim)
+    let _ = packed;
+    rowwise_portable(out_t, inp, weight, n, in_dim)
 }
 
 /// Lanes of the interleaved dot products (one AVX register of f32).
 const LANES: usize = 8;
 
-/// The portable kernel: each dot product kept as 8 lane sums, as `tile_avx2` does.
-pub(super) fn tile_portable(out_t: &mut [f32], inp: &[f32], weight: &[f32], n: usize, in_dim: usize) {
+/// The portable kernel: each dot product kept as 8 lane sums, as `rowwise_avx2` does.
+pub(super) fn rowwise_portable(out_t: &mut [f32], inp: &[f32], weight: Weights<'_>, n: usize, in_dim: usize) {
     let body = in_dim - in_dim % LANES;
-    for (w, out) in weight.chunks_exact(in_dim).zip(out_t.chunks_exact_mut(n)) {
+    let mut w = vec![0.0f32; in_dim];
+    for (o, out) in out_t.chunks_exact_mut(n).enumerate() {
+        match weight {
+            Weights::F32(src) => w.copy_from_slice(&src[o * in_dim..(o + 1) * in_dim]),
+            Weights::Bf16(src) => {
+                for (d, &b) in w.iter_mut().zip(&src[o * in_dim..(o + 1) * in_dim]) {
+                    *d = f32::from_bits(u32::from(b) << 16);
+                }
+            }
+        }
         for (x, o) in inp.chunks_exact(in_dim).zip(out.iter_mut()) {
             let mut acc = [0.0f32; LANES];
             for (wc, xc) in w[..body].chunks_exact(LANES).zip(x[..body].chunks_exact(LANES)) {
@@ -68,96 +152,139 @@ pub(super) fn tile_portable(out_t: &mut [f32], inp: &[f32], weight: &[f32], n: u
     }
 }
 
-/// AVX2 + FMA kernel: 4 weight rows × 2 input rows per register tile (8 accumulators), the
-/// weight rows re-read from L1 for each pair of input rows.
+/// AVX2 + FMA kernel: input rows in groups of up to 8 (one accumulator each), every 8-float
+/// piece of a weight row loaded (and widened, for bf16) once per group.
 ///
 /// # Safety
 /// The CPU must support AVX2 and FMA. Slices must hold (W, IC), (n, IC) and (W, n) elements.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(out_t: &mut [f32], inp: &[f32], weight: &[f32], n: usize, in_dim: usize) {
-    use std::arch::x86_64::*;
+unsafe fn rowwise_avx2(out_t: &mut [f32], inp: &[f32], packed: &[f32], weight: Weights<'_>, n: usize, in_dim: usize) {
+    match weight {
+        Weights::F32(w) => rowwise_avx2_typed(out_t, inp, packed, w, n, in_dim),
+        Weights::Bf16(w) => rowwise_avx2_typed(out_t, inp, packed, w, n, in_dim),
+    }
+}
 
-    /// Sum of the 8 lanes, then the scalar tail: the same order as `tile_portable`.
+/// A weight element type the AVX2 kernel reads: 8 consecutive elements as 8 f32 lanes.
+#[cfg(target_arch = "x86_64")]
+trait WeightElem: Copy {
+    /// Elements per 64-byte cache line.
+    const PER_LINE: usize;
+    /// # Safety
+    /// AVX2 available; `p..p + 8` readable.
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    fn to_f32(self) -> f32;
+}
+
+#[cfg(target_arch = "x86_64")]
+impl WeightElem for f32 {
+    const PER_LINE: usize = 16;
     #[inline(always)]
-    unsafe fn finish(acc: __m256, w: &[f32], x: &[f32], body: usize) -> f32 {
-        let mut lanes = [0.0f32; LANES];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
-        let tail: f32 = w[body..].iter().zip(&x[body..]).map(|(a, b)| a * b).sum();
-        lanes.iter().sum::<f32>() + tail
+    unsafe fn load8(p: *const f32) -> std::arch::x86_64::__m256 {
+        std::arch::x86_64::_mm256_loadu_ps(p)
     }
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
 
-    let rows_w = out_t.len() / n.max(1);
-    assert!(weight.len() >= rows_w * in_dim && inp.len() >= n * in_dim && out_t.len() == rows_w * n);
-    let body = in_dim - in_dim % LANES;
-    let wp = weight.as_ptr();
-    let xp = inp.as_ptr();
-    let w_row = |o: usize| &weight[o * in_dim..(o + 1) * in_dim];
-    let x_row = |r: usize| &inp[r * in_dim..(r + 1) * in_dim];
-    let mut o = 0;
-    while o + 4 <= rows_w {
-        let (w0, w1, w2, w3) = (wp.add(o * in_dim), wp.add((o + 1) * in_dim), wp.add((o + 2) * in_dim), wp.add((o + 3) * in_dim));
-        let mut r = 0;
-        while r + 2 <= n {
-            let (x0, x1) = (xp.add(r * in_dim), xp.add((r + 1) * in_dim));
-            let mut acc = [_mm256_setzero_ps(); 8];
-            let mut k = 0;
-            while k < body {
-                // SAFETY (all loads): k + 8 <= body <= in_dim, rows inside the asserted lengths.
-                let (a0, a1) = (_mm256_loadu_ps(x0.add(k)), _mm256_loadu_ps(x1.add(k)));
-                let b0 = _mm256_loadu_ps(w0.add(k));
-                acc[0] = _mm256_fmadd_ps(b0, a0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(b0, a1, acc[1]);
-                let b1 = _mm256_loadu_ps(w1.add(k));
-                acc[2] = _mm256_fmadd_ps(b1, a0, acc[2]);
-                acc[3] = _mm256_fmadd_ps(b1, a1, acc[3]);
-                let b2 = _mm256_loadu_ps(w2.add(k));
-                acc[4] = _mm256_fmadd_ps(b2, a0, acc[4]);
-                acc[5] = _mm256_fmadd_ps(b2, a1, acc[5]);
-                let b3 = _mm256_loadu_ps(w3.add(k));
-                acc[6] = _mm256_fmadd_ps(b3, a0, acc[6]);
-                acc[7] = _mm256_fmadd_ps(b3, a1, acc[7]);
-                k += LANES;
-            }
-            for j in 0..4 {
-                for i in 0..2 {
-                    out_t[(o + j) * n + r + i] = finish(acc[2 * j + i], w_row(o + j), x_row(r + i), body);
-                }
-            }
-            r += 2;
-        }
-        if r < n {
-            let x0 = xp.add(r * in_dim);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut k = 0;
-            while k < body {
-                let a0 = _mm256_loadu_ps(x0.add(k));
-                acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w0.add(k)), a0, acc[0]);
-                acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(w1.add(k)), a0, acc[1]);
-                acc[2] = _mm256_fmadd_ps(_mm256_loadu_ps(w2.add(k)), a0, acc[2]);
-                acc[3] = _mm256_fmadd_ps(_mm256_loadu_ps(w3.add(k)), a0, acc[3]);
-                k += LANES;
-            }
-            for (j, &a) in acc.iter().enumerate() {
-                out_t[(o + j) * n + r] = finish(a, w_row(o + j), x_row(r), body);
-            }
-        }
-        o += 4;
+#[cfg(target_arch = "x86_64")]
+impl WeightElem for u16 {
+    const PER_LINE: usize = 32;
+    #[inline(always)]
+    unsafe fn load8(p: *const u16) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // bf16 → f32 is exact: the 16 bits become the top half of the f32.
+        let h = _mm_loadu_si128(p as *const __m128i);
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
     }
-    // Leftover weight rows, one at a time.
-    while o < rows_w {
-        let w0 = wp.add(o * in_dim);
-        for r in 0..n {
-            let x0 = xp.add(r * in_dim);
-            let mut acc = _mm256_setzero_ps();
-            let mut k = 0;
-            while k < body {
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(w0.add(k)), _mm256_loadu_ps(x0.add(k)), acc);
-                k += LANES;
-            }
-            out_t[o * n + r] = finish(acc, w_row(o), x_row(r), body);
+    fn to_f32(self) -> f32 {
+        f32::from_bits(u32::from(self) << 16)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn rowwise_avx2_typed<W: WeightElem>(out_t: &mut [f32], inp: &[f32], packed: &[f32], weight: &[W], n: usize, in_dim: usize) {
+    let rows_w = out_t.len() / n.max(1);
+    let body = in_dim - in_dim % LANES;
+    assert!(weight.len() >= rows_w * in_dim && inp.len() >= n * in_dim && out_t.len() == rows_w * n && packed.len() == n * body);
+    let mut r = 0;
+    while r < n {
+        let g = (n - r).min(GROUP);
+        let x = &inp[r * in_dim..(r + g) * in_dim];
+        let p = &packed[r * body..(r + g) * body];
+        let o = &mut *out_t;
+        match g {
+            8 => rowwise_group::<8, W>(o, x, p, weight, n, r, in_dim, rows_w),
+            7 => rowwise_group::<7, W>(o, x, p, weight, n, r, in_dim, rows_w),
+            6 => rowwise_group::<6, W>(o, x, p, weight, n, r, in_dim, rows_w),
+            5 => rowwise_group::<5, W>(o, x, p, weight, n, r, in_dim, rows_w),
+            4 => rowwise_group::<4, W>(o, x, p, weight, n, r, in_dim, rows_w),
+            3 => rowwise_group::<3, W>(o, x, p, weight, n, r, in_dim, rows_w),
+            2 => rowwise_group::<2, W>(o, x, p, weight, n, r, in_dim, rows_w),
+            _ => rowwise_group::<1, W>(o, x, p, weight, n, r, in_dim, rows_w),
         }
-        o += 1;
+        r += g;
+    }
+}
+
+/// Weight rows ahead of the current one that the kernel prefetches into L2: the stream must be
+/// requested early, the hardware prefetcher alone leaves the cores waiting on memory.
+const PREFETCH_ROWS: usize = 4;
+
+/// out_t[o, r0 + g] for the G input rows `x` (G, IC) and every weight row o.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn rowwise_group<const G: usize, W: WeightElem>(
+    out_t: &mut [f32],
+    x: &[f32],
+    packed: &[f32],
+    weight: &[W],
+    n: usize,
+    r0: usize,
+    in_dim: usize,
+    rows_w: usize,
+) {
+    use std::arch::x86_64::*;
+    let body = in_dim - in_dim % LANES;
+    assert!(x.len() == G * in_dim && packed.len() == G * body && weight.len() >= rows_w * in_dim && out_t.len() >= rows_w * n && r0 + G <= n);
+    let xp = packed.as_ptr();
+    let mut sums = [0.0f32; G];
+    for o in 0..rows_w {
+        let row = weight.as_ptr().add(o * in_dim);
+        // Prefetches never fault, so addresses past the slice (last rows) are harmless;
+        // `wrapping_add` keeps the pointer arithmetic defined.
+        let ahead = row.wrapping_add(PREFETCH_ROWS * in_dim);
+        let mut acc = [_mm256_setzero_ps(); G];
+        let mut k = 0;
+        while k < body {
+            if k % W::PER_LINE == 0 {
+                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(k) as *const i8);
+            }
+            // SAFETY (loads): k + 8 <= body <= in_dim, rows inside the asserted lengths.
+            let wv = W::load8(row.add(k));
+            let xk = xp.add(k * G);
+            for (g, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xk.add(g * LANES)), *a);
+            }
+            k += LANES;
+        }
+        for (g, a) in acc.iter().enumerate() {
+            let mut lanes = [0.0f32; LANES];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+            sums[g] = lanes.iter().sum::<f32>();
+        }
+        if body < in_dim {
+            let w_tail = &weight[o * in_dim + body..(o + 1) * in_dim];
+            for (g, sum) in sums.iter_mut().enumerate() {
+                let x_tail = &x[g * in_dim + body..(g + 1) * in_dim];
+                *sum += w_tail.iter().zip(x_tail).map(|(a, b)| a.to_f32() * b).sum::<f32>();
+            }
+        }
+        out_t[o * n + r0..o * n + r0 + G].copy_from_slice(&sums);
     }
 }
 
@@ -192,15 +319,27 @@ mod tests {
                     assert!((f64::from(g) - r).abs() <= 1e-5 * (1.0 + r.abs()), "{name} n {n} ic {ic} oc {oc}: [{i}] {g} vs {r}");
                 }
             };
-            for parallel in [false, true] {
+            for threads in [1, 2, 3] {
                 let mut out = vec![f32::NAN; n * oc];
-                forward(&mut out, &inp, &w, n, ic, oc, parallel);
+                forward(&mut out, &inp, Weights::F32(&w), n, ic, oc, threads);
                 check("forward", &out);
             }
             let mut out_t = vec![f32::NAN; oc * n];
-            tile_portable(&mut out_t, &inp, &w, n, ic);
+            rowwise_portable(&mut out_t, &inp, Weights::F32(&w), n, ic);
             let portable: Vec<f32> = (0..n * oc).map(|i| out_t[(i % oc) * n + i / oc]).collect();
-            check("tile_portable", &portable);
+            check("rowwise_portable", &portable);
+            // A bf16 copy of bf16-exact weights gives the same products as the f32 weights.
+            let w_exact: Vec<f32> = w.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+            let w_bits: Vec<u16> = w_exact.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+            let (mut a, mut b) = (vec![f32::NAN; n * oc], vec![f32::NAN; n * oc]);
+            forward(&mut a, &inp, Weights::F32(&w_exact), n, ic, oc, 2);
+            forward(&mut b, &inp, Weights::Bf16(&w_bits), n, ic, oc, 2);
+            assert_eq!(a, b, "bf16 copy n {n} ic {ic} oc {oc}");
+            let mut c = vec![f32::NAN; oc * n];
+            rowwise_portable(&mut c, &inp, Weights::Bf16(&w_bits), n, ic);
+            let mut d = vec![f32::NAN; oc * n];
+            rowwise_portable(&mut d, &inp, Weights::F32(&w_exact), n, ic);
+            assert_eq!(c, d, "portable bf16 copy n {n} ic {ic} oc {oc}");
         }
     }
 }
