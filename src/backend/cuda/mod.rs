@@ -19,4 +19,5 @@ pub use device::{probe, CudaDevice, GpuProbe};
 pub use error::CudaError;
 pub use ops::attention::AttentionVariant;
 pub use ops::rmsnorm::RmsNormVariant;
+pub use ops::sampling::SamplingVariant;
 pub mod host;

@@ -4,6 +4,7 @@ pub mod attention;
 pub mod logprobs;
 pub mod optimizer;
 pub mod rmsnorm;
+pub mod sampling;
 pub mod sppo_loss;
 
 /// Element types the kernels are written for.
