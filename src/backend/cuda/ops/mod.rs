@@ -1,6 +1,7 @@
 //! Kernel launchers, one module per concern (`kernels/<concern>.cu`).
 
 pub mod attention;
+pub mod elementwise;
 pub mod logprobs;
 pub mod optimizer;
 pub mod rmsnorm;
