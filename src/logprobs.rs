@@ -125,7 +125,8 @@ pub fn score<B: Backend>(b: &B, model: &mut Llama<B>, examples: &[Example], max_
             .collect::<Result<_>>()?;
         let batch = Batch::from_sequences(seqs.iter().map(|(ids, p)| (ids.as_slice(), *p)))?;
         model.ensure_positions(b, seqs.iter().map(|s| s.0.len()).max().unwrap_or(0))?;
-        let mut acts = Activations::new(b, &model.cfg, batch.len(), false)?;
+        // Forward only: `recompute` mode keeps each layer's input, not what backward needs.
+        let mut acts = Activations::new(b, &model.cfg, batch.len(), true)?;
         model.forward(b, &batch, &mut acts)?;
         let logp = b.download(&acts.logp)?;
         let mut row = 0;

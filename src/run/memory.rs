@@ -90,7 +90,8 @@ pub fn estimate(c: &ModelConfig, plan: &Plan) -> Estimate {
     let sampling = p + kv + prefill + logits;
     // Reference log-probs: one packed batch (at least one whole example) through forward.
     let ref_tokens = PACKED_TOKENS.max(plan.responses_per_example * plan.max_length.min(ctx)) as u64;
-    let reference = p + activation_bytes(c, ref_tokens, false);
+    // Forward only (logprobs.rs keeps layer inputs, as recomputation does).
+    let reference = p + activation_bytes(c, ref_tokens, true);
     Estimate { parameters: p, sampling, reference, training }
 }
 
