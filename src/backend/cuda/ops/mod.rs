@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod elementwise;
 pub mod logprobs;
+pub mod matmul;
 pub mod optimizer;
 pub mod rmsnorm;
 pub mod sampling;
