@@ -12,6 +12,7 @@
 
 pub mod device;
 pub mod error;
+pub mod kernel_choice;
 pub mod kernels;
 pub mod ops;
 
