@@ -55,6 +55,10 @@ pub enum DecodeWeights {
 }
 
 impl DecodeWeights {
+    pub fn is_auto(&self) -> bool {
+        *self == DecodeWeights::Auto
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             DecodeWeights::Auto => "auto",

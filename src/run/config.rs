@@ -192,6 +192,9 @@ pub struct RunConfig {
     pub save_steps: usize,
     pub save_dtype: String,
     pub skip_spike_factor: f64,
+    /// Left out of config.json (and so of the run's config hash) at its default, so runs started
+    /// before the key existed still resume.
+    #[serde(skip_serializing_if = "crate::generate::DecodeWeights::is_auto")]
     pub decode_weights: crate::generate::DecodeWeights,
 }
 
