@@ -9,7 +9,7 @@
 use crate::backend::{AttnSeq, Backend};
 use crate::model::Llama;
 use crate::rng::{prompt_key, RngKey, Stream};
-use crate::sampling::{sample, SamplerScratch, SamplingParams};
+use crate::sampling::{SamplerScratch, SamplingParams};
 use anyhow::{bail, ensure, Result};
 
 /// One sequence to generate: its prompt ids and the key of its random stream.
@@ -193,14 +193,19 @@ pub fn generate<B: Backend>(
             last_rows.push((tokens.len() - 1) as u32);
             active.push(si);
         }
-        let logits = model.forward_cached(b, &tokens, &positions, &mut cache, &rows, &seqs, &last_rows)?;
+        let logits = model.forward_cached_logits(b, &tokens, &positions, &mut cache, &rows, &seqs, &last_rows)?;
+        // One uniform per active slot, keyed by its request and token position; the backend
+        // draws every row's token (on the GPU for the CUDA backend).
+        let uniforms: Vec<f32> = active
+            .iter()
+            .map(|&si| slots[si].as_ref().map_or(0.0, |s| keys[s.request].uniform(s.generated.len() as u64)))
+            .collect();
+        let drawn = b.sample_rows(&logits, vocab, &uniforms, &opts.sampling, &mut scratch)?;
 
         for (j, &si) in active.iter().enumerate() {
             let Some(s) = slots[si].as_mut() else { continue };
             s.cached += s.pending.len();
-            let row = &logits[j * vocab..(j + 1) * vocab];
-            let u = keys[s.request].uniform(s.generated.len() as u64);
-            let tok = sample(row, &opts.sampling, u, &mut scratch)?;
+            let tok = drawn[j];
             on_token(1);
             let finish = if opts.eos_ids.contains(&tok) {
                 Some(FinishReason::Stop)

@@ -79,6 +79,28 @@ pub trait Backend: Sized {
     /// Drops what [`Backend::begin_decode`] kept.
     fn end_decode(&self) {}
 
+    /// One token per row of `logits` (rows, vocab) by the sampler of `crate::sampling` with row
+    /// r's uniform `uniforms[r]`: the same procedure everywhere, so the same tokens. The default
+    /// downloads the rows and samples on the host (`scratch` keeps its buffers between calls);
+    /// the CUDA backend samples on the GPU (`kernels/sampling.cu`).
+    fn sample_rows(
+        &self,
+        logits: &Self::Buf,
+        vocab: usize,
+        uniforms: &[f32],
+        params: &crate::sampling::SamplingParams,
+        scratch: &mut crate::sampling::SamplerScratch,
+    ) -> Result<Vec<u32>> {
+        let host = self.download(logits)?;
+        anyhow::ensure!(
+            host.len() == uniforms.len() * vocab,
+            "sample_rows: {} logits for {} rows of {vocab}",
+            host.len(),
+            uniforms.len()
+        );
+        host.chunks_exact(vocab.max(1)).zip(uniforms).map(|(row, &u)| crate::sampling::sample(row, params, u, scratch)).collect()
+    }
+
     // ---- memory ----
     /// A zero-filled buffer of `len` elements.
     fn alloc(&self, len: usize) -> Result<Self::Buf>;

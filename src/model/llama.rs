@@ -420,9 +420,7 @@ impl<B: Backend> Llama<B> {
         Ok(KvCache { k: mk()?, v: mk()?, rows })
     }
 
-    /// Inference step over a KV cache: runs `tokens` (at `positions`, written to cache rows
-    /// `cache_rows`), attends with `seqs` (decode layout over the cache), and returns the logits
-    /// (len(logit_rows), V) of the rows `logit_rows` (each sequence's last row).
+    /// [`Self::forward_cached_logits`], downloaded: (logit_rows.len(), vocab) on the host.
     #[allow(clippy::too_many_arguments)]
     pub fn forward_cached(
         &self,
@@ -434,6 +432,24 @@ impl<B: Backend> Llama<B> {
         seqs: &[AttnSeq],
         logit_rows: &[u32],
     ) -> Result<Vec<f32>> {
+        let logits = self.forward_cached_logits(b, tokens, positions, cache, cache_rows, seqs, logit_rows)?;
+        b.download(&logits)
+    }
+
+    /// Inference step over a KV cache: runs `tokens` (at `positions`, written to cache rows
+    /// `cache_rows`), attends with `seqs` (decode layout over the cache), and returns the logits
+    /// (len(logit_rows), V) of the rows `logit_rows` (each sequence's last row).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_cached_logits(
+        &self,
+        b: &B,
+        tokens: &[u32],
+        positions: &[u32],
+        cache: &mut KvCache<B>,
+        cache_rows: &[u32],
+        seqs: &[AttnSeq],
+        logit_rows: &[u32],
+    ) -> Result<B::Buf> {
         let lm_head = self.lm_head()?;
         let n = tokens.len();
         let batch = Batch {
@@ -464,7 +480,7 @@ impl<B: Backend> Llama<B> {
         b.rmsnorm_forward(b.full_mut(&mut normed), b.full_mut(&mut rstd), b.full(&last), b.view(&self.params, self.ranges.norm.clone()), c, self.cfg.rms_norm_eps)?;
         let mut logits = b.alloc(m * self.cfg.vocab_size)?;
         b.matmul_forward(b.full_mut(&mut logits), b.full(&normed), b.view(&self.params, lm_head), c, self.cfg.vocab_size)?;
-        b.download(&logits)
+        Ok(logits)
     }
 
     /// A zeroed gradient buffer with the parameter layout.
