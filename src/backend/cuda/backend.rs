@@ -20,8 +20,9 @@ use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use super::device::CudaDevice;
 use super::error::CudaError;
 use super::kernel_choice::KernelChoice;
-use super::ops::{attention, bias, elementwise, embedding, gelu, layernorm, logprobs, matmul, optimizer, rmsnorm, rope, swiglu};
+use super::ops::{attention, bias, elementwise, embedding, gelu, layernorm, logprobs, matmul, optimizer, rmsnorm, rope, sampling, swiglu};
 use crate::backend::{AdamWConfig, AttnSeq, AttnShape, Backend, RmspropConfig};
+use crate::sampling::{SamplerScratch, SamplingParams};
 
 /// Rows of logits the log-prob kernels hold at once (their f32 scratch is this × vocab).
 const LOGPROB_CHUNK_ROWS: usize = 64;
@@ -63,7 +64,7 @@ impl std::fmt::Debug for CudaBackend {
 
 /// A launcher's result, retried with the `Naive` variant when the chosen one has no kernel for
 /// this direction or dtype (e.g. a forward-only fast variant during backward).
-fn or_naive<V: Copy>(chosen: V, naive: V, f: impl Fn(V) -> Result<(), CudaError>) -> Result<()> {
+fn or_naive<V: Copy>(chosen: V, naive: V, mut f: impl FnMut(V) -> Result<(), CudaError>) -> Result<()> {
     match f(chosen) {
         Err(CudaError::UnsupportedDtype { .. }) => Ok(f(naive)?),
         other => Ok(other?),
@@ -98,6 +99,29 @@ impl Backend for CudaBackend {
 
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn sample_rows(
+        &self,
+        logits: &CudaSlice<f32>,
+        vocab: usize,
+        uniforms: &[f32],
+        params: &SamplingParams,
+        _scratch: &mut SamplerScratch,
+    ) -> Result<Vec<u32>> {
+        let rows = uniforms.len();
+        let mut tokens = self.dev.upload(&vec![-1i32; rows])?;
+        let mut status = self.dev.upload(&vec![-1i32; rows])?;
+        sampling::sample_rows(
+            &self.dev,
+            self.kernels.sampling,
+            &mut tokens.as_view_mut(),
+            &mut status.as_view_mut(),
+            &logits.as_view(),
+            vocab,
+            uniforms,
+            params,
+        )
     }
 
     // ---- memory ----
@@ -328,13 +352,19 @@ impl Backend for CudaBackend {
     fn view_mut_pair<'a>(&self, buf: &'a mut CudaSlice<f32>, a: Range<usize>, b: Range<usize>) -> (CudaViewMut<'a, f32>, CudaViewMut<'a, f32>) {
         assert!(a.start <= a.end && b.start <= b.end && a.end.max(b.end) <= buf.len(), "view_mut_pair {a:?}, {b:?} of {}", buf.len());
         assert!(a.end <= b.start || b.end <= a.start, "view_mut_pair: {a:?} and {b:?} overlap");
-        if a.end <= b.start {
-            let (lo, hi) = buf.split_at_mut(b.start);
-            (lo.slice_mut(a), hi.slice_mut(0..b.end - b.start))
+        // Split at the later range's start: the earlier range lies in `lo`, the later in `hi`.
+        let (first, second, swapped) = if a.end <= b.start { (a, b, false) } else { (b, a, true) };
+        let (mut lo, mut hi) = buf.split_at_mut(second.start);
+        // SAFETY: sub-slicing a CudaViewMut borrows the local view, but the result only holds the
+        // device pointer, its length and references to `buf`'s events and stream, all valid for
+        // 'a (CudaViewMut has no Drop); the two results cover disjoint ranges of `buf`, which is
+        // mutably borrowed for 'a, so no other view of these elements can exist meanwhile.
+        let x: CudaViewMut<'a, f32> = unsafe { std::mem::transmute(lo.slice_mut(first)) };
+        let y: CudaViewMut<'a, f32> = unsafe { std::mem::transmute(hi.slice_mut(0..second.end - second.start)) };
+        if swapped {
+            (y, x)
         } else {
-            let (lo, hi) = buf.split_at_mut(a.start);
-            let (first, second) = (hi.slice_mut(0..a.end - a.start), lo.slice_mut(b));
-            (first, second)
+            (x, y)
         }
     }
 

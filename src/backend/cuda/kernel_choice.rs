@@ -5,8 +5,14 @@
 
 use super::error::{CudaError, Result};
 use super::ops::attention::AttentionVariant;
+use super::ops::bias::BiasVariant;
+use super::ops::embedding::EmbeddingVariant;
+use super::ops::gelu::GeluVariant;
+use super::ops::layernorm::LayerNormVariant;
 use super::ops::rmsnorm::RmsNormVariant;
+use super::ops::rope::RopeVariant;
 use super::ops::sampling::SamplingVariant;
+use super::ops::swiglu::SwigluVariant;
 
 /// The environment variable read by [`KernelChoice::from_env`].
 pub const ENV: &str = "SPPO_KERNELS";
@@ -17,16 +23,32 @@ pub struct KernelChoice {
     pub attention: AttentionVariant,
     pub rmsnorm: RmsNormVariant,
     pub sampling: SamplingVariant,
+    pub embedding: EmbeddingVariant,
+    pub rope: RopeVariant,
+    pub swiglu: SwigluVariant,
+    pub gelu: GeluVariant,
+    pub layernorm: LayerNormVariant,
+    pub bias: BiasVariant,
 }
 
 impl Default for KernelChoice {
     fn default() -> Self {
-        KernelChoice { attention: AttentionVariant::Fused, rmsnorm: RmsNormVariant::Warp, sampling: SamplingVariant::Search }
+        KernelChoice {
+            attention: AttentionVariant::Fused,
+            rmsnorm: RmsNormVariant::Warp,
+            sampling: SamplingVariant::Search,
+            embedding: EmbeddingVariant::Coalesced,
+            rope: RopeVariant::Flat,
+            swiglu: SwigluVariant::Grid,
+            gelu: GeluVariant::Grid,
+            layernorm: LayerNormVariant::Warp,
+            bias: BiasVariant::Grid,
+        }
     }
 }
 
 /// The concerns a spec may name.
-pub const CONCERNS: &[&str] = &["attention", "rmsnorm", "sampling"];
+pub const CONCERNS: &[&str] = &["attention", "rmsnorm", "sampling", "embedding", "rope", "swiglu", "gelu", "layernorm", "bias"];
 
 impl KernelChoice {
     /// The defaults with `spec` applied: `concern=variant` pairs separated by commas (spaces
@@ -49,6 +71,12 @@ impl KernelChoice {
                 "attention" => self.attention = AttentionVariant::from_name(variant)?,
                 "rmsnorm" => self.rmsnorm = RmsNormVariant::from_name(variant)?,
                 "sampling" => self.sampling = SamplingVariant::from_name(variant)?,
+                "embedding" => self.embedding = EmbeddingVariant::from_name(variant)?,
+                "rope" => self.rope = RopeVariant::from_name(variant)?,
+                "swiglu" => self.swiglu = SwigluVariant::from_name(variant)?,
+                "gelu" => self.gelu = GeluVariant::from_name(variant)?,
+                "layernorm" => self.layernorm = LayerNormVariant::from_name(variant)?,
+                "bias" => self.bias = BiasVariant::from_name(variant)?,
                 other => {
                     return Err(CudaError::UnknownVariant {
                         concern: "kernel concern",
@@ -75,7 +103,18 @@ impl KernelChoice {
 
     /// `attention=fused,rmsnorm=warp,...`: what a run used, for logs and metrics.
     pub fn describe(&self) -> String {
-        format!("attention={},rmsnorm={},sampling={}", self.attention.name(), self.rmsnorm.name(), self.sampling.name())
+        format!(
+            "attention={},rmsnorm={},sampling={},embedding={},rope={},swiglu={},gelu={},layernorm={},bias={}",
+            self.attention.name(),
+            self.rmsnorm.name(),
+            self.sampling.name(),
+            self.embedding.name(),
+            self.rope.name(),
+            self.swiglu.name(),
+            self.gelu.name(),
+            self.layernorm.name(),
+            self.bias.name()
+        )
     }
 }
 

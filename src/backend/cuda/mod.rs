@@ -10,15 +10,23 @@
 //! Without a CUDA driver (most build machines) everything here compiles and [`probe`] reports why
 //! no GPU is used; GPU tests skip with that sentence.
 
+pub mod backend;
 pub mod device;
 pub mod error;
 pub mod kernel_choice;
 pub mod kernels;
 pub mod ops;
 
+pub use backend::CudaBackend;
 pub use device::{probe, CudaDevice, GpuProbe};
 pub use error::CudaError;
 pub use ops::attention::AttentionVariant;
+pub use ops::bias::BiasVariant;
+pub use ops::embedding::EmbeddingVariant;
+pub use ops::gelu::GeluVariant;
+pub use ops::layernorm::LayerNormVariant;
 pub use ops::rmsnorm::RmsNormVariant;
 pub use ops::sampling::SamplingVariant;
+pub use ops::rope::RopeVariant;
+pub use ops::swiglu::SwigluVariant;
 pub mod host;

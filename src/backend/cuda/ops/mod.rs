@@ -1,13 +1,20 @@
 //! Kernel launchers, one module per concern (`kernels/<concern>.cu`).
 
 pub mod attention;
+pub mod bias;
 pub mod elementwise;
+pub mod embedding;
+pub mod gelu;
+pub mod layer_util;
+pub mod layernorm;
 pub mod logprobs;
 pub mod matmul;
 pub mod optimizer;
 pub mod rmsnorm;
+pub mod rope;
 pub mod sampling;
 pub mod sppo_loss;
+pub mod swiglu;
 
 /// Element types the kernels are written for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
