@@ -3,6 +3,7 @@
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use sppo::backend::cpu::CpuBackend;
+use sppo::backend::Backend;
 use sppo::chat::Message;
 use sppo::generate::{generate_records, GenOptions};
 use sppo::logprobs::{output_line, parse_example, score, TextCodec};
@@ -18,6 +19,14 @@ struct Cli {
     /// CPU threads (default: all cores).
     #[arg(long, global = true, env = "SPPO_THREADS")]
     threads: Option<usize>,
+    /// Device of `generate` and `logprobs`: cpu, cuda, or auto (the GPU when one is usable). The
+    /// default stays cpu until the CUDA backend has passed on a GPU (GPU-STATUS.md).
+    #[arg(long, global = true, env = "SPPO_DEVICE", value_enum, default_value_t = DeviceArg::Cpu)]
+    device: DeviceArg,
+    /// CUDA kernel variants by name, `concern=variant,...` (e.g. `attention=naive`); also the
+    /// SPPO_KERNELS environment variable. Unknown names are errors listing the choices.
+    #[arg(long, global = true)]
+    kernel: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -42,6 +51,45 @@ enum Cmd {
     Plot(PlotArgs),
     /// Show the devices sppo can use.
     Info,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DeviceArg {
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// The backend a command runs on (`--device`).
+enum Device {
+    Cpu(CpuBackend),
+    Cuda(Box<sppo::backend::cuda::CudaBackend>),
+}
+
+/// Opens the backend `--device` asks for; `auto` falls back to the CPU with the reason printed,
+/// `cuda` without a usable GPU is an error naming why (never a panic from a missing driver).
+fn open_device(device: DeviceArg, kernel: Option<&str>, threads: Option<usize>) -> Result<Device> {
+    use sppo::backend::cuda::{kernel_choice::KernelChoice, probe, CudaBackend};
+    let kernels = KernelChoice::from_env(kernel)?;
+    let cuda = |why: &str| -> Result<Device> {
+        let b = CudaBackend::new(0, kernels).with_context(|| format!("{why}: opening GPU 0"))?;
+        eprintln!("device: cuda ({}, kernels {})", b.device().name(), kernels.describe());
+        Ok(Device::Cuda(Box::new(b)))
+    };
+    match device {
+        DeviceArg::Cpu => Ok(Device::Cpu(CpuBackend::new(threads)?)),
+        DeviceArg::Cuda => match probe().unavailable_reason() {
+            Some(reason) => bail!("--device cuda: {reason}"),
+            None => cuda("--device cuda"),
+        },
+        DeviceArg::Auto => match probe().unavailable_reason() {
+            None => cuda("--device auto"),
+            Some(reason) => {
+                eprintln!("device: cpu ({reason})");
+                Ok(Device::Cpu(CpuBackend::new(threads)?))
+            }
+        },
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -224,8 +272,14 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {} ({} tensors)", a.out.display(), report.tensors.len());
             Ok(())
         }
-        Cmd::Generate(a) => cmd_generate(a, cli.threads),
-        Cmd::Logprobs(a) => cmd_logprobs(a, cli.threads),
+        Cmd::Generate(a) => match open_device(cli.device, cli.kernel.as_deref(), cli.threads)? {
+            Device::Cpu(b) => cmd_generate(&b, a),
+            Device::Cuda(b) => cmd_generate(&*b, a),
+        },
+        Cmd::Logprobs(a) => match open_device(cli.device, cli.kernel.as_deref(), cli.threads)? {
+            Device::Cpu(b) => cmd_logprobs(&b, a),
+            Device::Cuda(b) => cmd_logprobs(&*b, a),
+        },
         Cmd::Rank(a) => cmd_rank(a),
         Cmd::Train(a) => cmd_train(a, cli.threads),
         Cmd::Run(a) => cmd_run(a, cli.threads),
@@ -253,9 +307,8 @@ fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
     pb
 }
 
-fn cmd_generate(a: GenerateArgs, threads: Option<usize>) -> Result<()> {
-    let b = CpuBackend::new(threads)?;
-    let mut model = Llama::load(&b, &a.model)?;
+fn cmd_generate<B: Backend>(b: &B, a: GenerateArgs) -> Result<()> {
+    let mut model = Llama::load(b, &a.model)?;
     let codec = TextCodec::from_model_dir(&a.model, model.cfg.vocab_size)?
         .with_context(|| format!("{}: generation needs tokenizer.json", a.model.display()))?;
     let records: Vec<PromptRecord> = match (&a.prompt, &a.prompts) {
@@ -278,7 +331,7 @@ fn cmd_generate(a: GenerateArgs, threads: Option<usize>) -> Result<()> {
     };
     let pb = progress_bar((records.len() * a.num_samples as usize * a.max_new_tokens) as u64, "tokens");
     let start = std::time::Instant::now();
-    let (lines, total) = generate_records(&b, &mut model, &codec, &a.model, &records, a.num_samples, opts, |n| pb.inc(n as u64))?;
+    let (lines, total) = generate_records(b, &mut model, &codec, &a.model, &records, a.num_samples, opts, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     eprintln!("generated {total} tokens in {:.1} s ({:.1} tokens/s)", start.elapsed().as_secs_f64(), total as f64 / start.elapsed().as_secs_f64());
 
@@ -305,9 +358,8 @@ fn cmd_generate(a: GenerateArgs, threads: Option<usize>) -> Result<()> {
     Ok(())
 }
 
-fn cmd_logprobs(a: LogprobsArgs, threads: Option<usize>) -> Result<()> {
-    let b = CpuBackend::new(threads)?;
-    let mut model = Llama::load(&b, &a.model)?;
+fn cmd_logprobs<B: Backend>(b: &B, a: LogprobsArgs) -> Result<()> {
+    let mut model = Llama::load(b, &a.model)?;
     let codec = TextCodec::from_model_dir(&a.model, model.cfg.vocab_size)?;
     let f = std::fs::File::open(&a.data).with_context(|| format!("{}: cannot open", a.data.display()))?;
     let mut examples = Vec::new();
@@ -320,7 +372,7 @@ fn cmd_logprobs(a: LogprobsArgs, threads: Option<usize>) -> Result<()> {
         examples.push(parse_example(&v, i + 1, &a.data, codec.as_ref())?);
     }
     let pb = progress_bar(examples.len() as u64, "examples");
-    let scored = score(&b, &mut model, &examples, a.batch_tokens, |n| pb.inc(n as u64))?;
+    let scored = score(b, &mut model, &examples, a.batch_tokens, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     let mut text = String::new();
     for s in &scored {

@@ -269,3 +269,27 @@ fn run_prompts_without_text_or_without_room_for_a_response() {
     let roomy = "max_length = 8192\nmax_prompt_length = 4096\n";
     expect_error(&["run", "--config", &run("r3", roomy)], &["long", "no room for a response"]);
 }
+
+/// `--device cuda` without a usable GPU is a clear error naming why (never a panic from a missing
+/// driver); `--device auto` falls back to the CPU and gives the CPU's answer; an unknown kernel
+/// variant is an error listing the choices.
+#[test]
+fn device_and_kernel_choice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    let data = data_file(tmp.path());
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let out_cpu = tmp.path().join("cpu.jsonl");
+    let out_auto = tmp.path().join("auto.jsonl");
+    let (ok, stderr) = sppo(&["logprobs", "--model", m, "--data", d, "--out", out_cpu.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    if let Some(reason) = sppo::backend::cuda::probe().unavailable_reason() {
+        expect_error(&["logprobs", "--device", "cuda", "--model", m, "--data", d], &["--device cuda", &reason]);
+        let (ok, stderr) = sppo(&["logprobs", "--device", "auto", "--model", m, "--data", d, "--out", out_auto.to_str().unwrap()]);
+        assert!(ok && stderr.contains("device: cpu"), "{stderr}");
+        assert_eq!(std::fs::read_to_string(&out_auto).unwrap(), std::fs::read_to_string(&out_cpu).unwrap());
+    } else {
+        println!("device_and_kernel_choice: a GPU is present; the no-GPU error path is not exercised here");
+    }
+    expect_error(&["logprobs", "--device", "auto", "--kernel", "attention=flash", "--model", m, "--data", d], &["flash", "naive, fused"]);
+}
