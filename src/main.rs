@@ -19,7 +19,7 @@ struct Cli {
     /// CPU threads (default: all cores).
     #[arg(long, global = true, env = "SPPO_THREADS")]
     threads: Option<usize>,
-    /// Device of `generate` and `logprobs`: cpu, cuda, or auto (the GPU when one is usable). The
+    /// Device of `generate`, `logprobs` and `train`: cpu, cuda, or auto (the GPU when usable). The
     /// default stays cpu until the CUDA backend has passed on a GPU (GPU-STATUS.md).
     #[arg(long, global = true, env = "SPPO_DEVICE", value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
@@ -281,7 +281,7 @@ fn run(cli: Cli) -> Result<()> {
             Device::Cuda(b) => cmd_logprobs(&*b, a),
         },
         Cmd::Rank(a) => cmd_rank(a),
-        Cmd::Train(a) => cmd_train(a, cli.threads),
+        Cmd::Train(a) => cmd_train(a, cli.threads, cli.device, cli.kernel.as_deref()),
         Cmd::Run(a) => cmd_run(a, cli.threads),
         Cmd::Eval(a) => cmd_eval(a, cli.threads),
         Cmd::Plot(a) => {
@@ -406,10 +406,8 @@ fn cmd_rank(a: RankArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
-    use sppo::run::config::{RunConfig, RunKeys, TrainOn};
-    use sppo::train::data::{Selection, Tokenization};
-    use sppo::train::trainer::{response_logprobs, TrainSettings, Trainer};
+fn cmd_train(a: TrainArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>) -> Result<()> {
+    use sppo::run::config::{RunConfig, RunKeys};
     let file_keys = match &a.config {
         Some(p) => RunKeys::from_toml_file(p)?,
         None => RunKeys::default(),
@@ -425,9 +423,19 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
         ..Default::default()
     };
     let cfg = RunConfig::resolve(&placeholder.overridden_by(&file_keys).overridden_by(&a.keys))?;
-    let b = CpuBackend::new(threads)?;
-    let mut model = Llama::load(&b, &model_dir)?;
-    let codec = TextCodec::from_model_dir(&model_dir, model.cfg.vocab_size)?.with_context(|| format!("{}: training on text needs tokenizer.json", model_dir.display()))?;
+    match open_device(device, kernel, threads)? {
+        Device::Cpu(b) => train_with(&b, &a, &cfg, &model_dir),
+        Device::Cuda(b) => train_with(&*b, &a, &cfg, &model_dir),
+    }
+}
+
+/// `sppo train` on the chosen backend: reference log-probs, the optimizer steps, the checkpoint.
+fn train_with<B: Backend>(b: &B, a: &TrainArgs, cfg: &sppo::run::config::RunConfig, model_dir: &std::path::Path) -> Result<()> {
+    use sppo::run::config::TrainOn;
+    use sppo::train::data::{Selection, Tokenization};
+    use sppo::train::trainer::{response_logprobs, TrainSettings, Trainer};
+    let mut model = Llama::load(b, model_dir)?;
+    let codec = TextCodec::from_model_dir(model_dir, model.cfg.vocab_size)?.with_context(|| format!("{}: training on text needs tokenizer.json", model_dir.display()))?;
     let tok = Tokenization {
         tokenizer: &codec.tokenizer,
         template: &codec.template,
@@ -446,14 +454,14 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     eprintln!("{} training examples from {}", examples.len(), a.data.display());
     let pb = progress_bar(examples.len() as u64, "reference log-probs");
-    let reference = response_logprobs(&b, &mut model, &examples, 4096, |n| pb.inc(n as u64))?;
+    let reference = response_logprobs(b, &mut model, &examples, 4096, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
-    let settings = TrainSettings::from_run_config(&cfg)?;
-    let mut trainer = Trainer::new(&b, &model, settings, examples.len())?;
+    let settings = TrainSettings::from_run_config(cfg)?;
+    let mut trainer = Trainer::new(b, &model, settings, examples.len())?;
     let pb = progress_bar(trainer.total_steps as u64, "steps");
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let mut metrics = String::new();
-    trainer.run(&b, &mut model, &examples, &reference, |m, _, _| {
+    trainer.run(b, &mut model, &examples, &reference, |m, _, _| {
         metrics.push_str(&serde_json::to_string(m)?);
         metrics.push('\n');
         sppo::io::write_atomic(&a.out.join("metrics.jsonl"), metrics.as_bytes())?;
@@ -464,7 +472,7 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>) -> Result<()> {
     pb.finish_and_clear();
     let dtype = if cfg.save_dtype == "bf16" { sppo::model::weights::SaveDtype::Bf16 } else { sppo::model::weights::SaveDtype::F32 };
     // The checkpoint replaces the directory atomically; the metrics are written back into it.
-    model.save_pretrained(&b, &a.out, Some(&model_dir), dtype)?;
+    model.save_pretrained(b, &a.out, Some(model_dir), dtype)?;
     sppo::io::write_atomic(&a.out.join("metrics.jsonl"), metrics.as_bytes())?;
     eprintln!("checkpoint and metrics.jsonl: {}", a.out.display());
     Ok(())
