@@ -293,3 +293,34 @@ fn device_and_kernel_choice() {
     }
     expect_error(&["logprobs", "--device", "auto", "--kernel", "attention=flash", "--model", m, "--data", d], &["flash", "naive, fused"]);
 }
+
+/// `sppo train` end to end on good data (the counterpart of the bad-data tests above): a
+/// checkpoint and one metrics line per optimizer step.
+#[test]
+fn train_cli_writes_checkpoint_and_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = chat_model(tmp.path());
+    let data = tmp.path().join("ranked.jsonl");
+    let line = |p: &str| format!("{{\"prompt\": \"{p}\", \"chosen\": \"yes\", \"rejected\": \"no\", \"chosen_probs\": 0.6, \"chosen_probs_win\": 0.7, \"chosen_probs_lose\": 0.3}}\n");
+    write(&data, &format!("{}{}", line("hi"), line("hello there")));
+    let out = tmp.path().join("out");
+    let (ok, stderr) = sppo(&[
+        "train",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--per-device-train-batch-size",
+        "1",
+        "--gradient-accumulation-steps",
+        "1",
+        "--device",
+        "auto",
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(out.join("model.safetensors").exists() && out.join("config.json").exists(), "{stderr}");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+}
