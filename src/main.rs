@@ -19,7 +19,8 @@ struct Cli {
     /// CPU threads (default: all cores).
     #[arg(long, global = true, env = "SPPO_THREADS")]
     threads: Option<usize>,
-    /// Device of `generate`, `logprobs` and `train`: cpu, cuda, or auto (the GPU when usable). The
+    /// Device of `generate`, `logprobs`, `train` and `run` (the policy; oracles stay on the CPU):
+    /// cpu, cuda, or auto (the GPU when usable). The
     /// default stays cpu until the CUDA backend has passed on a GPU (GPU-STATUS.md).
     #[arg(long, global = true, env = "SPPO_DEVICE", value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
@@ -282,7 +283,7 @@ fn run(cli: Cli) -> Result<()> {
         },
         Cmd::Rank(a) => cmd_rank(a),
         Cmd::Train(a) => cmd_train(a, cli.threads, cli.device, cli.kernel.as_deref()),
-        Cmd::Run(a) => cmd_run(a, cli.threads),
+        Cmd::Run(a) => cmd_run(a, cli.threads, cli.device, cli.kernel.as_deref()),
         Cmd::Eval(a) => cmd_eval(a, cli.threads),
         Cmd::Plot(a) => {
             for p in sppo::run::plots::write_plots(&a.run_dir)? {
@@ -478,7 +479,7 @@ fn train_with<B: Backend>(b: &B, a: &TrainArgs, cfg: &sppo::run::config::RunConf
     Ok(())
 }
 
-fn cmd_run(a: RunArgs, threads: Option<usize>) -> Result<()> {
+fn cmd_run(a: RunArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>) -> Result<()> {
     use sppo::run::config::{RunConfig, RunKeys};
     let mut keys = match &a.config {
         Some(p) => RunKeys::from_toml_file(p)?,
@@ -499,7 +500,10 @@ fn cmd_run(a: RunArgs, threads: Option<usize>) -> Result<()> {
         _ => LogMode::Normal,
     };
     let report = Reporter::new(mode);
-    let last = sppo::run::run(&cfg, a.resume.is_some(), threads, &report)?;
+    let last = match open_device(device, kernel, threads)? {
+        Device::Cpu(b) => sppo::run::run_on(&b, &cfg, a.resume.is_some(), &report)?,
+        Device::Cuda(b) => sppo::run::run_on(&*b, &cfg, a.resume.is_some(), &report)?,
+    };
     report.info(&format!("done: last checkpoint {}\nmetrics: {}", last.display(), cfg.run_dir.join("metrics.jsonl").display()));
     Ok(())
 }

@@ -30,6 +30,7 @@ use super::classes::{class_distribution, mixture, ClassDistribution, ExpandLimit
 use super::config::RunConfig;
 use super::manifest::{Manifest, Stage};
 use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
 use crate::generate::{generate_records, GenOptions};
 use crate::logprobs::TextCodec;
 use crate::model::Llama;
@@ -168,8 +169,8 @@ fn weights_stamp(dir: &Path) -> String {
     parts.join(";")
 }
 
-fn policy_samples(
-    b: &CpuBackend,
+fn policy_samples<B: Backend>(
+    b: &B,
     run_dir: &Path,
     s: &EvalSettings,
     game: Option<&Game>,
@@ -245,9 +246,9 @@ fn policy_samples(
 }
 
 /// The exact class distribution of one policy on every eval prompt.
-fn policy_classes(
-    b: &CpuBackend,
-    model: &mut Llama<CpuBackend>,
+fn policy_classes<B: Backend>(
+    b: &B,
+    model: &mut Llama<B>,
     codec: &TextCodec,
     dir: &Path,
     game: &Game,
@@ -425,8 +426,8 @@ fn prompt_text(p: &PromptRecord) -> String {
 
 /// Evaluates `policies` (the base first) and writes eval.json, eval.jsonl and the AlpacaEval
 /// files into `run_dir`.
-pub fn evaluate(
-    b: &CpuBackend,
+pub fn evaluate<B: Backend>(
+    b: &B,
     run_dir: &Path,
     s: &EvalSettings,
     policies: &[Policy],
@@ -593,8 +594,8 @@ pub fn eval_line(p: &PolicyEval) -> Value {
 /// metrics (a line left by an interrupted earlier attempt is replaced) and records the stage.
 /// `held_out` is the run's evaluation set ([`super::split_prompts`], computed once per run, not
 /// reloaded per iteration). Without held-out prompts the stage records itself as skipped. Plots are rewritten either way (a plotting failure only warns).
-pub fn stage(
-    b: &CpuBackend,
+pub fn stage<B: Backend>(
+    b: &B,
     cfg: &RunConfig,
     manifest: &mut Manifest,
     t: u32,

@@ -42,6 +42,7 @@ pub mod plots;
 pub mod report;
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
 use crate::generate::{generate_records, GenOptions};
 use crate::logprobs::TextCodec;
 use crate::model::Llama;
@@ -167,8 +168,14 @@ pub fn check_memory(cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
-/// Runs (or resumes) the loop; returns the path of the last checkpoint.
+/// Runs (or resumes) the loop on the CPU backend; returns the path of the last checkpoint.
 pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Reporter) -> Result<PathBuf> {
+    run_on(&CpuBackend::new(threads)?, cfg, resume, report)
+}
+
+/// Runs (or resumes) the loop with the policy on backend `b` (sampling, reference log-probs,
+/// training, evaluation sampling); the oracles run on the CPU. Returns the last checkpoint.
+pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporter) -> Result<PathBuf> {
     let run_dir = &cfg.run_dir;
     let hash = config_hash(cfg)?;
     check_memory(cfg)?;
@@ -207,7 +214,6 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
     // Prompts: the held-out tail for evaluation, the rest split across iterations.
     let (prompts, held_out) = split_prompts(cfg, report)?;
     let per_iter = cfg.prompts_per_iteration.unwrap_or(prompts.len() / cfg.iterations as usize).max(1);
-    let b = CpuBackend::new(threads)?;
     let mut oracle: Option<Box<dyn crate::oracle::Oracle>> = None;
     let mut policy_dir = cfg.model.clone();
     let mut metrics = MetricsLog::open(&run_dir.join("metrics.jsonl"))?;
@@ -223,18 +229,18 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
                 std::fs::remove_dir_all(dir.join("train")).with_context(|| format!("removing {}", dir.join("train").display()))?;
             }
             policy_dir = checkpoint;
-            eval::stage(&b, cfg, &mut manifest, t, &held_out, &mut metrics, report)?;
+            eval::stage(b, cfg, &mut manifest, t, &held_out, &mut metrics, report)?;
             continue;
         }
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let mut model = Llama::load(&b, &policy_dir)?;
+        let mut model = Llama::load(b, &policy_dir)?;
         let codec = TextCodec::from_model_dir(&policy_dir, model.cfg.vocab_size)?
             .with_context(|| format!("{}: the loop needs tokenizer.json and a chat template", policy_dir.display()))?;
 
         if !manifest.is_done(t, Stage::Generate) {
             let started = Instant::now();
             report.stage_start(t, "generate", &format!("sampling {} × {} responses", chunk.len(), cfg.num_samples));
-            let total = sample(cfg, t, &b, &mut model, &codec, &policy_dir, &chunk, &dir, report)?;
+            let total = sample(cfg, t, b, &mut model, &codec, &policy_dir, &chunk, &dir, report)?;
             manifest.complete(run_dir, t, Stage::Generate, vec![rel(t, "generations.jsonl")], json!({"prompts": chunk.len(), "tokens": total}))?;
             report.stage_end(t, "generate", started.elapsed().as_secs_f64(), &json!({"prompts": chunk.len(), "tokens": total}));
         }
@@ -283,7 +289,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
         } else {
             let started = Instant::now();
             report.stage_start(t, "ref_logprobs", &format!("reference log-probs of {} examples", examples.len()));
-            let r = reference_logprobs(&b, &mut model, &examples, memory::PACKED_TOKENS, &dir, report)?;
+            let r = reference_logprobs(b, &mut model, &examples, memory::PACKED_TOKENS, &dir, report)?;
             if let Some((i, _)) = r.iter().enumerate().find(|(_, row)| row.iter().any(|x| !x.is_finite())) {
                 bail!("iteration {t}: the reference log-prob of training example {i} is not finite under {}: the policy produces NaN/Inf", policy_dir.display());
             }
@@ -299,10 +305,10 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
         let started = Instant::now();
         let mut settings = TrainSettings::from_run_config(cfg)?;
         settings.iteration = t;
-        let mut trainer = Trainer::new(&b, &model, settings, examples.len())?;
+        let mut trainer = Trainer::new(b, &model, settings, examples.len())?;
         let state_dir = dir.join("train");
         if state_dir.join("state.json").exists() {
-            trainer.load_state(&b, &mut model, &state_dir)?;
+            trainer.load_state(b, &mut model, &state_dir)?;
             report.info(&format!("iteration {t}: resuming training at step {}", trainer.step()));
         }
         let dropped = metrics.rewind_training(t, trainer.step())?;
@@ -319,7 +325,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
             let total_steps = trainer.total_steps;
             let pb = report.bar(total_steps as u64, "steps");
             pb.set_position(trainer.step() as u64);
-            let result = trainer.run(&b, &mut model, &examples, &reference, |m, tr, mm| {
+            let result = trainer.run(b, &mut model, &examples, &reference, |m, tr, mm| {
                 let mut line = json!({"kind": "train", "iteration": t});
                 if let (Some(o), Value::Object(fields)) = (line.as_object_mut(), serde_json::to_value(m)?) {
                     o.extend(fields);
@@ -331,7 +337,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
                 pb.inc(1);
                 // The last step is saved too: a kill before the checkpoint then redoes nothing.
                 if m.step % cfg.save_steps == 0 || m.step == total_steps {
-                    tr.save_state(&b, mm, &state_dir).with_context(|| format!("step {}: saving the optimizer state to {}", m.step, state_dir.display()))?;
+                    tr.save_state(b, mm, &state_dir).with_context(|| format!("step {}: saving the optimizer state to {}", m.step, state_dir.display()))?;
                     saved = Some(m.step);
                 }
                 Ok(())
@@ -347,7 +353,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
         report.stage_start(t, "checkpoint", &format!("saving {}", checkpoint.display()));
         let dtype = if cfg.save_dtype == "bf16" { crate::model::weights::SaveDtype::Bf16 } else { crate::model::weights::SaveDtype::F32 };
         model
-            .save_pretrained(&b, &checkpoint, Some(&policy_dir), dtype)
+            .save_pretrained(b, &checkpoint, Some(&policy_dir), dtype)
             .with_context(|| format!("saving the checkpoint {}", checkpoint.display()))
             .map_err(|e| explain_failure(e, run_dir, &format!("the last checkpoint {} and the optimizer state in {}", policy_dir.display(), state_dir.display())))
             .with_context(|| format!("iteration {t}"))?;
@@ -358,7 +364,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
         report.stage_end(t, "checkpoint", started.elapsed().as_secs_f64(), &json!({"path": checkpoint}));
         report.info(&format!("iteration {t}: checkpoint {}", checkpoint.display()));
         policy_dir = checkpoint;
-        eval::stage(&b, cfg, &mut manifest, t, &held_out, &mut metrics, report)?;
+        eval::stage(b, cfg, &mut manifest, t, &held_out, &mut metrics, report)?;
     }
     Ok(policy_dir)
 }
@@ -433,11 +439,11 @@ pub fn split_prompts(cfg: &RunConfig, report: &Reporter) -> Result<(Vec<PromptRe
 /// last whole shard; renames the log to `generations.jsonl` when every prompt is done. Returns the
 /// tokens generated (all shards).
 #[allow(clippy::too_many_arguments)]
-fn sample(
+fn sample<B: Backend>(
     cfg: &RunConfig,
     t: u32,
-    b: &CpuBackend,
-    model: &mut Llama<CpuBackend>,
+    b: &B,
+    model: &mut Llama<B>,
     codec: &TextCodec,
     policy_dir: &Path,
     chunk: &[PromptRecord],
@@ -497,9 +503,9 @@ fn sample(
 
 /// Reference log-probs of every example, each packed batch appended to `ref_logprobs.partial.jsonl`
 /// as it finishes; a resumed pass starts after the last logged batch.
-fn reference_logprobs(
-    b: &CpuBackend,
-    model: &mut Llama<CpuBackend>,
+fn reference_logprobs<B: Backend>(
+    b: &B,
+    model: &mut Llama<B>,
     examples: &[TrainExample],
     max_batch_tokens: usize,
     dir: &Path,
