@@ -37,7 +37,8 @@ pub struct GenOptions {
 }
 
 /// Precision of the weights generation reads. Decoding a few rows at a time is bound by reading
-/// the weights from memory, so a 2-byte copy nearly doubles CPU sampling speed.
+/// the weights from memory, so a 2-byte copy halves the traffic of its products (about 15% faster
+/// CPU sampling end to end in BENCHMARKS.md).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum DecodeWeights {

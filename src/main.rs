@@ -149,7 +149,7 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Weights decoding reads: auto (a bf16 copy when exact, e.g. a bf16 checkpoint), f32, or
-    /// bf16 (weights rounded to bf16: about twice as fast on the CPU, bf16-rounded logits).
+    /// bf16 (weights rounded to bf16: half the weight traffic of CPU decoding, bf16-rounded logits).
     #[arg(long, value_enum, default_value_t = sppo::generate::DecodeWeights::Auto)]
     decode_weights: sppo::generate::DecodeWeights,
     /// Write JSONL here instead of printing responses.
