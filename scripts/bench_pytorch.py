@@ -46,10 +46,10 @@ def gen():
     with torch.no_grad():
         model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, temperature=0.7, top_p=0.9,
                        max_new_tokens=a.gen_new, min_new_tokens=a.gen_new, pad_token_id=0)
-t_g = timed(gen, 1)
+t_g = timed(gen, 3)
 # The peer of sppo's --decode-weights bf16: the same generate with the model in bf16.
 model = model.to(torch.bfloat16)
-t_g16 = timed(gen, 1)
+t_g16 = timed(gen, 3)
 print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "forward": n / t_f,
                   "forward_backward": n / t_fb, "sampling": a.gen_batch * a.gen_new / t_g,
                   "sampling_bf16": a.gen_batch * a.gen_new / t_g16}))

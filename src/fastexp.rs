@@ -111,6 +111,40 @@ pub(crate) fn exp_shifted_f32(x: &mut [f32], shift: f32) {
     with_avx2!(body(x, shift))
 }
 
+/// σ(g) = 1 / (1 + exp(−g)) in f64 (exp_fast, its argument clamped to 700: σ is then below
+/// 1e-304, 0 in f32), rounded once to f32: within an ulp of the exact value, 2 of the f32 libm formula where that
+/// is a normal number (below g ≈ −87 it underflows to 0 where this keeps a subnormal), and
+/// vectorisable where libm's `expf` is a call per element. NaN stays NaN through `g` itself.
+#[inline(always)]
+pub(crate) fn sigmoid_f32(g: f32) -> f32 {
+    let e = exp_fast((-f64::from(g)).min(700.0));
+    (1.0 / (1.0 + e)) as f32
+}
+
+/// SwiGLU forward over slices: `out[i] = g σ(g) u` (g = gate[i], u = up[i]).
+pub(crate) fn swiglu_f32(out: &mut [f32], gate: &[f32], up: &[f32]) {
+    #[inline(always)]
+    fn body(out: &mut [f32], gate: &[f32], up: &[f32]) {
+        for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+            *o = g * sigmoid_f32(g) * u;
+        }
+    }
+    with_avx2!(body(out, gate, up))
+}
+
+/// SwiGLU backward over slices: `dup = dy g σ`, `dgate = dy u σ (1 + g (1 − σ))`.
+pub(crate) fn swiglu_backward_f32(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+    #[inline(always)]
+    fn body(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &[f32], up: &[f32]) {
+        for ((((dg, du), &dy), &g), &u) in dgate.iter_mut().zip(dup.iter_mut()).zip(dout).zip(gate).zip(up) {
+            let s = sigmoid_f32(g);
+            *du = dy * g * s;
+            *dg = dy * u * s * (1.0 + g * (1.0 - s));
+        }
+    }
+    with_avx2!(body(dgate, dup, dout, gate, up))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -150,5 +184,29 @@ mod tests {
             let want = (v - max).exp();
             assert!((g - want).abs() <= 2.0 * f32::EPSILON * want, "exp_shifted_f32 {g} vs {want}");
         }
+    }
+
+    #[test]
+    fn sigmoid_f32_is_within_an_ulp_of_the_exact_value() {
+        let mut worst = 0i64;
+        for i in -200_000..=200_000 {
+            let g = i as f32 * 1e-3;
+            let want = 1.0 / (1.0 + (-g).exp());
+            let got = sigmoid_f32(g);
+            // Below g ≈ −87 the f32 formula's expf overflows or its quotient is subnormal (0 or a
+            // few bits); the f64 path keeps the tiny value. Compare there in absolute terms.
+            if want < f32::MIN_POSITIVE {
+                assert!(got < 2.0 * f32::MIN_POSITIVE, "sigmoid_f32({g}) = {got}, want {want}");
+                continue;
+            }
+            worst = worst.max((got.to_bits() as i64 - want.to_bits() as i64).abs());
+            let exact = (1.0 / (1.0 + (-f64::from(g)).exp())) as f32;
+            assert!((got.to_bits() as i64 - exact.to_bits() as i64).abs() <= 1, "sigmoid_f32({g}) = {got}, f64 formula {exact}");
+        }
+        // The f32 formula itself rounds three times.
+        assert!(worst <= 2, "sigmoid_f32 is {worst} ulp from 1/(1+expf(-g))");
+        assert_eq!(sigmoid_f32(1e30), 1.0);
+        assert_eq!(sigmoid_f32(-1e30), 0.0);
+        assert!(sigmoid_f32(f32::NAN).is_nan() || (f32::NAN * sigmoid_f32(f32::NAN)).is_nan());
     }
 }

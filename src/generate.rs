@@ -194,14 +194,17 @@ pub fn generate<B: Backend>(
             last_rows.push((tokens.len() - 1) as u32);
             active.push(si);
         }
-        let logits = model.forward_cached_logits(b, &tokens, &positions, &mut cache, &rows, &seqs, &last_rows)?;
         // One uniform per active slot, keyed by its request and token position; the backend
         // draws every row's token (on the GPU for the CUDA backend).
         let uniforms: Vec<f32> = active
             .iter()
             .map(|&si| slots[si].as_ref().map_or(0.0, |s| keys[s.request].uniform(s.generated.len() as u64)))
             .collect();
-        let drawn = b.sample_rows(&logits, vocab, &uniforms, &opts.sampling, &mut scratch)?;
+        let model_ref: &Llama<B> = model;
+        let drawn = b.enter(|| {
+            let logits = model_ref.forward_cached_logits(b, &tokens, &positions, &mut cache, &rows, &seqs, &last_rows)?;
+            b.sample_rows(&logits, vocab, &uniforms, &opts.sampling, &mut scratch)
+        })?;
 
         for (j, &si) in active.iter().enumerate() {
             let Some(s) = slots[si].as_mut() else { continue };

@@ -57,9 +57,9 @@ pub struct AttnShape {
 /// Target for log-prob gathering: `targets[t] < 0` masks row `t` (prompt tokens, padding).
 pub const IGNORE_TARGET: i32 = -1;
 
-pub trait Backend: Sized {
+pub trait Backend: Sized + Sync {
     /// A flat buffer of elements on the backend's device (f32 on the CPU).
-    type Buf;
+    type Buf: Send + Sync;
     type View<'a>: Copy
     where
         Self: 'a;
@@ -68,6 +68,14 @@ pub trait Backend: Sized {
         Self: 'a;
 
     fn name(&self) -> &'static str;
+
+    /// Runs `f` as this backend's own work: the CPU backend runs it on a thread of its pool, so
+    /// the ops inside call their parallel loops from a worker instead of handing each one to the
+    /// pool and sleeping until it ends (a decode step has hundreds of small ops: the handoffs
+    /// cost more than the work). Wrap loops of many small ops in it; nesting is free.
+    fn enter<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        f()
+    }
 
     /// Generation is about to read `params` (the model's whole flat parameter buffer) without
     /// changing it until [`Backend::end_decode`]. The backend may keep a compact copy for the

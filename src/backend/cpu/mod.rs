@@ -156,6 +156,43 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn enter<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    /// Rows sampled in parallel, straight from the logits (no copy), each worker with its own
+    /// scratch kept between calls; the same procedure as the default, so the same tokens.
+    fn sample_rows(
+        &self,
+        logits: &Vec<f32>,
+        vocab: usize,
+        uniforms: &[f32],
+        params: &crate::sampling::SamplingParams,
+        scratch: &mut crate::sampling::SamplerScratch,
+    ) -> Result<Vec<u32>> {
+        use rayon::prelude::*;
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<crate::sampling::SamplerScratch> = std::cell::RefCell::new(crate::sampling::SamplerScratch::new());
+        }
+        anyhow::ensure!(
+            vocab > 0 && logits.len() == uniforms.len() * vocab,
+            "sample_rows: {} logits for {} rows of {vocab}",
+            logits.len(),
+            uniforms.len()
+        );
+        if uniforms.len() == 1 || self.threads == 1 {
+            return logits.chunks_exact(vocab).zip(uniforms).map(|(row, &u)| crate::sampling::sample(row, params, u, scratch)).collect();
+        }
+        self.run(|| {
+            logits
+                .par_chunks_exact(vocab)
+                .with_max_len(1)
+                .zip(uniforms.par_iter())
+                .map(|(row, &u)| SCRATCH.with_borrow_mut(|s| crate::sampling::sample(row, params, u, s)))
+                .collect()
+        })
+    }
+
     fn begin_decode(&self, params: &[f32], round: bool) -> Result<Option<String>> {
         let copy = self.run(|| if round { Some(decode::Bf16Copy::rounded(params)) } else { decode::Bf16Copy::exact(params) });
         let kind = if round { "rounded" } else { "exact" };

@@ -1,4 +1,5 @@
-//! SwiGLU activation of the Llama MLP: `out = silu(gate) * up`, silu(g) = g·σ(g), and its backward:
+//! SwiGLU activation of the Llama MLP: `out = silu(gate) * up`, silu(g) = g·σ(g), and its backward
+//! (σ by `fastexp::sigmoid_f32`: vectorised, within an ulp of the exact value):
 //!   ∂out/∂up   = silu(g)
 //!   ∂out/∂gate = up · σ(g) · (1 + g · (1 − σ(g)))
 
@@ -7,20 +8,12 @@ use rayon::prelude::*;
 
 use super::{Op, TASK_ELEMS};
 
-fn sigmoid(g: f32) -> f32 {
-    1.0 / (1.0 + (-g).exp())
-}
-
 /// out, gate, up: (N, I), elementwise.
 pub(super) fn forward(out: &mut [f32], gate: &[f32], up: &[f32]) -> Result<()> {
     let op = Op::new("swiglu_forward", file!());
     op.len("gate", gate.len(), out.len())?;
     op.len("up", up.len(), out.len())?;
-    out.par_chunks_mut(TASK_ELEMS).zip(gate.par_chunks(TASK_ELEMS)).zip(up.par_chunks(TASK_ELEMS)).for_each(|((o, g), u)| {
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g * sigmoid(g) * u;
-        }
-    });
+    out.par_chunks_mut(TASK_ELEMS).zip(gate.par_chunks(TASK_ELEMS)).zip(up.par_chunks(TASK_ELEMS)).for_each(|((o, g), u)| crate::fastexp::swiglu_f32(o, g, u));
     Ok(())
 }
 
@@ -37,12 +30,6 @@ pub(super) fn backward(dgate: &mut [f32], dup: &mut [f32], dout: &[f32], gate: &
         .zip(dout.par_chunks(TASK_ELEMS))
         .zip(gate.par_chunks(TASK_ELEMS))
         .zip(up.par_chunks(TASK_ELEMS))
-        .for_each(|((((dg, du), dy), g), u)| {
-            for ((((dg, du), &dy), &g), &u) in dg.iter_mut().zip(du.iter_mut()).zip(dy).zip(g).zip(u) {
-                let s = sigmoid(g);
-                *du = dy * g * s;
-                *dg = dy * u * s * (1.0 + g * (1.0 - s));
-            }
-        });
+        .for_each(|((((dg, du), dy), g), u)| crate::fastexp::swiglu_backward_f32(dg, du, dy, g, u));
     Ok(())
 }
