@@ -402,6 +402,10 @@ impl<B: Backend> Bert<B> {
     /// Embeddings, every layer, mean pooling: leaves the last hidden state in `acts.hidden` and the
     /// pooled (not normalised) sequence embeddings in `acts.pooled`.
     pub fn forward(&self, b: &B, batch: &EncoderBatch, acts: &mut EncoderActivations<B>) -> Result<()> {
+        b.enter(|| self.forward_ops(b, batch, acts))
+    }
+
+    fn forward_ops(&self, b: &B, batch: &EncoderBatch, acts: &mut EncoderActivations<B>) -> Result<()> {
         self.check_batch(batch, acts)?;
         let c = self.cfg.hidden_size;
         let (p, r) = (&self.params, &self.ranges);

@@ -266,6 +266,10 @@ impl<B: Backend> Llama<B> {
 
     /// Embedding + all layers + final norm: leaves the normed hidden states in `acts.lnf`.
     pub fn forward_hidden(&self, b: &B, batch: &Batch, acts: &mut Activations<B>) -> Result<()> {
+        b.enter(|| self.forward_hidden_ops(b, batch, acts))
+    }
+
+    fn forward_hidden_ops(&self, b: &B, batch: &Batch, acts: &mut Activations<B>) -> Result<()> {
         self.check_batch(batch)?;
         ensure!(acts.n == batch.len(), "activations sized for {} rows, batch has {}", acts.n, batch.len());
         let c = self.cfg.hidden_size;
@@ -492,6 +496,10 @@ impl<B: Backend> Llama<B> {
     /// gradients are ADDED to `grads` (micro-batches accumulate). `acts` must hold this batch's
     /// forward.
     pub fn backward(&self, b: &B, batch: &Batch, acts: &mut Activations<B>, dseq: &[f32], grads: &mut B::Buf) -> Result<()> {
+        b.enter(|| self.backward_ops(b, batch, acts, dseq, grads))
+    }
+
+    fn backward_ops(&self, b: &B, batch: &Batch, acts: &mut Activations<B>, dseq: &[f32], grads: &mut B::Buf) -> Result<()> {
         ensure!(dseq.len() == batch.num_seqs(), "{} sequence gradients for {} sequences", dseq.len(), batch.num_seqs());
         ensure!(b.len(grads) == self.layout.total, "gradient buffer has {} values, parameters {}", b.len(grads), self.layout.total);
         let cfg = &self.cfg;
