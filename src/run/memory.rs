@@ -315,6 +315,106 @@ pub fn gpu_available_override() -> Option<(u64, String)> {
 mod tests {
     use super::*;
 
+    const GIB: u64 = 1 << 30;
+
+    fn smollm2_135m() -> ModelConfig {
+        ModelConfig::from_json_str(
+            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 49152, "hidden_size": 576,
+                "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
+                "rms_norm_eps": 1e-5, "rope_theta": 100000, "max_position_embeddings": 8192, "tie_word_embeddings": true,
+                "torch_dtype": "bfloat16"}"#,
+        )
+        .unwrap()
+    }
+
+    fn llama_70b() -> ModelConfig {
+        ModelConfig::from_json_str(
+            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192,
+                "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+                "rms_norm_eps": 1e-5, "rope_theta": 500000, "max_position_embeddings": 131072, "tie_word_embeddings": false,
+                "torch_dtype": "bfloat16"}"#,
+        )
+        .unwrap()
+    }
+
+    fn plan() -> Plan {
+        Plan {
+            micro_batch: 2,
+            responses_per_example: 2,
+            max_length: 1024,
+            max_prompt_length: 512,
+            max_new_tokens: 512,
+            generation_batch_size: 16,
+            gradient_checkpointing: false,
+            optimizer_buffers: 2,
+            generation: true,
+        }
+    }
+
+    #[test]
+    fn storage_bytes_follow_the_precision() {
+        let c = smollm2_135m();
+        let elems = ParamLayout::llama(&c).total as u64;
+        assert!((130_000_000..140_000_000).contains(&elems), "SmolLM2-135M has {elems} parameters");
+        let f32 = estimate_with(&c, &plan(), &Storage::of(Precision::F32), true);
+        let bf16 = estimate_with(&c, &plan(), &Storage::of(Precision::Bf16), true);
+        assert_eq!(f32.parameters, 4 * elems);
+        assert_eq!(bf16.parameters, 6 * elems, "bf16 copy + f32 master weights");
+        // Training: bf16 params + master (6) + f32 grads (4) + AdamW (8) plus half-size activations.
+        assert!(bf16.training < f32.training, "{bf16:?} vs {f32:?}");
+        assert!(bf16.training > 18 * elems, "fixed training state is 18 bytes per parameter in bf16");
+        assert!(bf16.sampling < f32.sampling, "the bf16 KV cache is half the f32 one");
+        // The GPU estimate carries the pools and the reserve; the CPU's has none.
+        assert!(bf16.overhead >= GPU_RESERVE && estimate(&c, &plan()).overhead == 0);
+        assert!(gpu_pool_bytes(&c, &plan(), &Storage::of(Precision::Bf16)) > gpu_pool_bytes(&c, &plan(), &Storage::of(Precision::F32)));
+        // `sppo train` does not sample.
+        let no_gen = Plan { generation: false, ..plan() };
+        assert_eq!(estimate_with(&c, &no_gen, &Storage::of(Precision::Bf16), true).sampling, 0);
+        // Checkpointing keeps less.
+        let ckpt = Plan { gradient_checkpointing: true, ..plan() };
+        assert!(estimate_with(&c, &ckpt, &Storage::of(Precision::Bf16), true).training < bf16.training);
+    }
+
+    #[test]
+    fn smollm2_fits_an_80_gb_gpu_and_70b_does_not() {
+        let bf16 = Storage::of(Precision::Bf16);
+        let e = check_gpu(&smollm2_135m(), &plan(), &bf16, 80 * GIB, "fake 80 GiB GPU").unwrap();
+        assert!(e.peak() < 10 * GIB, "SmolLM2-135M needs {}", human(e.peak()));
+
+        let err = check_gpu(&llama_70b(), &plan(), &bf16, 80 * GIB, "fake 80 GiB GPU").unwrap_err();
+        let nem = err.downcast_ref::<NotEnoughMemory>().expect("a NotEnoughMemory error");
+        assert_eq!(nem.stage, "training");
+        assert!(nem.needed > 1000 * GIB && nem.available == 80 * GIB, "{nem:?}");
+        let text = err.to_string();
+        assert!(text.contains("fake 80 GiB GPU") && text.contains("80.00 GiB"), "{text}");
+        assert!(text.contains("alone do not fit") && text.contains("GPU with more memory"), "{text}");
+        assert!(!text.contains("--precision bf16"), "already bf16: {text}");
+        // In f32 the advice names the precision setting.
+        let text = check_gpu(&llama_70b(), &plan(), &Storage::of(Precision::F32), 80 * GIB, "fake").unwrap_err().to_string();
+        assert!(text.contains("--precision bf16"), "{text}");
+    }
+
+    #[test]
+    fn a_working_set_too_large_names_the_batch_settings() {
+        let c = smollm2_135m();
+        let big = Plan { micro_batch: 64, max_length: 4096, ..plan() };
+        let err = check_gpu(&c, &big, &Storage::of(Precision::Bf16), 24 * GIB, "fake 24 GiB GPU").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("not enough memory: training needs about"), "{text}");
+        assert!(text.contains("`per_device_train_batch_size` (now 64") && text.contains("`max_length` (now 4096)"), "{text}");
+        assert!(text.contains("gradient_checkpointing = true"), "{text}");
+        // Sampling-bound: a huge generation batch names the generation settings.
+        let gen = Plan { generation_batch_size: 4096, max_new_tokens: 4096, ..plan() };
+        let text = check_gpu(&c, &gen, &Storage::of(Precision::Bf16), 24 * GIB, "fake").unwrap_err().to_string();
+        assert!(text.contains("sampling needs") && text.contains("`generation_batch_size` (now 4096)"), "{text}");
+        // The figure needed includes the GPU overhead, so a capacity just above the stage peak
+        // without it is refused.
+        let e = estimate_with(&c, &plan(), &Storage::of(Precision::Bf16), true);
+        let stage_only = e.peak() - e.overhead;
+        assert!(check_gpu(&c, &plan(), &Storage::of(Precision::Bf16), stage_only, "fake").is_err());
+        assert!(check_gpu(&c, &plan(), &Storage::of(Precision::Bf16), e.peak(), "fake").is_ok());
+    }
+
     #[test]
     fn sizes_parse() {
         assert_eq!(parse_bytes("512"), Some(512));
