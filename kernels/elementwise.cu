@@ -10,6 +10,9 @@
 // Variants: one per op and dtype, grid-stride loops over elements (copy_rows: one block row per
 // pair, threads over the width). Preconditions: any n (size_t), width >= 1, pairs >= 0.
 //
+// widen_bf16: out[i] = (float)inp[i], exact (the CUDA backend's f32 staging of bf16 operands for
+// ops without a bf16 kernel; the way back is optimizer_round_bf16, round to nearest even).
+//
 // Failed ideas: none yet (no GPU measurements so far).
 
 #include "common.cuh"
@@ -61,4 +64,9 @@ extern "C" __global__ void elementwise_copy_rows_bf16(bf16* dst, const bf16* src
         const bf16* s = src + (size_t)src_idx[j] * width;
         for (int c = threadIdx.x; c < width; c += blockDim.x) d[c] = s[c];
     }
+}
+
+extern "C" __global__ void elementwise_widen_bf16(float* out, const bf16* inp, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = bf16_to_f32(inp[i]);
 }

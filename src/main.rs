@@ -28,6 +28,11 @@ struct Cli {
     /// SPPO_KERNELS environment variable. Unknown names are errors listing the choices.
     #[arg(long, global = true)]
     kernel: Option<String>,
+    /// Storage precision on cuda: bf16 (default there: bf16 activations and parameters with f32
+    /// master weights, f32 gradients, optimizer state and accumulation) or f32. The CPU computes
+    /// in f32 only.
+    #[arg(long, global = true, env = "SPPO_PRECISION", value_enum)]
+    precision: Option<PrecisionArg>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -61,6 +66,12 @@ enum DeviceArg {
     Cuda,
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PrecisionArg {
+    F32,
+    Bf16,
+}
+
 /// The backend a command runs on (`--device`).
 enum Device {
     Cpu(CpuBackend),
@@ -69,15 +80,25 @@ enum Device {
 
 /// Opens the backend `--device` asks for; `auto` falls back to the CPU with the reason printed,
 /// `cuda` without a usable GPU is an error naming why (never a panic from a missing driver).
-fn open_device(device: DeviceArg, kernel: Option<&str>, threads: Option<usize>) -> Result<Device> {
+/// `--precision` on cuda: bf16 unless f32 is asked for; on the CPU, f32 (bf16 asked for
+/// explicitly is an error for `--device cpu`, a note when `auto` falls back to the CPU).
+fn open_device(device: DeviceArg, kernel: Option<&str>, threads: Option<usize>, precision: Option<PrecisionArg>) -> Result<Device> {
     use sppo::backend::cuda::{kernel_choice::KernelChoice, probe, CudaBackend};
+    use sppo::backend::Precision;
     let kernels = KernelChoice::from_env(kernel)?;
+    let on_gpu = match precision {
+        Some(PrecisionArg::F32) => Precision::F32,
+        Some(PrecisionArg::Bf16) | None => Precision::Bf16,
+    };
     let cuda = |why: &str| -> Result<Device> {
-        let b = CudaBackend::new(0, kernels).with_context(|| format!("{why}: opening GPU 0"))?;
-        eprintln!("device: cuda ({}, kernels {})", b.device().name(), kernels.describe());
+        let b = CudaBackend::new(0, kernels, on_gpu).with_context(|| format!("{why}: opening GPU 0"))?;
+        eprintln!("device: cuda ({}, precision {on_gpu}, kernels {})", b.device().name(), kernels.describe());
         Ok(Device::Cuda(Box::new(b)))
     };
     match device {
+        DeviceArg::Cpu if precision == Some(PrecisionArg::Bf16) => {
+            bail!("--precision bf16 is for --device cuda: the CPU backend computes in f32 only")
+        }
         DeviceArg::Cpu => Ok(Device::Cpu(CpuBackend::new(threads)?)),
         DeviceArg::Cuda => match probe().unavailable_reason() {
             Some(reason) => bail!("--device cuda: {reason}"),
@@ -87,6 +108,9 @@ fn open_device(device: DeviceArg, kernel: Option<&str>, threads: Option<usize>) 
             None => cuda("--device auto"),
             Some(reason) => {
                 eprintln!("device: cpu ({reason})");
+                if precision == Some(PrecisionArg::Bf16) {
+                    eprintln!("note: --precision bf16 applies to cuda; the CPU computes in f32");
+                }
                 Ok(Device::Cpu(CpuBackend::new(threads)?))
             }
         },
@@ -273,17 +297,17 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {} ({} tensors)", a.out.display(), report.tensors.len());
             Ok(())
         }
-        Cmd::Generate(a) => match open_device(cli.device, cli.kernel.as_deref(), cli.threads)? {
+        Cmd::Generate(a) => match open_device(cli.device, cli.kernel.as_deref(), cli.threads, cli.precision)? {
             Device::Cpu(b) => cmd_generate(&b, a),
             Device::Cuda(b) => cmd_generate(&*b, a),
         },
-        Cmd::Logprobs(a) => match open_device(cli.device, cli.kernel.as_deref(), cli.threads)? {
+        Cmd::Logprobs(a) => match open_device(cli.device, cli.kernel.as_deref(), cli.threads, cli.precision)? {
             Device::Cpu(b) => cmd_logprobs(&b, a),
             Device::Cuda(b) => cmd_logprobs(&*b, a),
         },
         Cmd::Rank(a) => cmd_rank(a),
-        Cmd::Train(a) => cmd_train(a, cli.threads, cli.device, cli.kernel.as_deref()),
-        Cmd::Run(a) => cmd_run(a, cli.threads, cli.device, cli.kernel.as_deref()),
+        Cmd::Train(a) => cmd_train(a, cli.threads, cli.device, cli.kernel.as_deref(), cli.precision),
+        Cmd::Run(a) => cmd_run(a, cli.threads, cli.device, cli.kernel.as_deref(), cli.precision),
         Cmd::Eval(a) => cmd_eval(a, cli.threads),
         Cmd::Plot(a) => {
             for p in sppo::run::plots::write_plots(&a.run_dir)? {
@@ -407,7 +431,7 @@ fn cmd_rank(a: RankArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_train(a: TrainArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>) -> Result<()> {
+fn cmd_train(a: TrainArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
     use sppo::run::config::{RunConfig, RunKeys};
     let file_keys = match &a.config {
         Some(p) => RunKeys::from_toml_file(p)?,
@@ -424,7 +448,7 @@ fn cmd_train(a: TrainArgs, threads: Option<usize>, device: DeviceArg, kernel: Op
         ..Default::default()
     };
     let cfg = RunConfig::resolve(&placeholder.overridden_by(&file_keys).overridden_by(&a.keys))?;
-    match open_device(device, kernel, threads)? {
+    match open_device(device, kernel, threads, precision)? {
         Device::Cpu(b) => train_with(&b, &a, &cfg, &model_dir),
         Device::Cuda(b) => train_with(&*b, &a, &cfg, &model_dir),
     }
@@ -435,6 +459,8 @@ fn train_with<B: Backend>(b: &B, a: &TrainArgs, cfg: &sppo::run::config::RunConf
     use sppo::run::config::TrainOn;
     use sppo::train::data::{Selection, Tokenization};
     use sppo::train::trainer::{response_logprobs, TrainSettings, Trainer};
+    // Refuse a plan that cannot fit before loading anything (GPU memory on cuda).
+    sppo::run::check_memory_for(b, cfg, false)?;
     let mut model = Llama::load(b, model_dir)?;
     let codec = TextCodec::from_model_dir(model_dir, model.cfg.vocab_size)?.with_context(|| format!("{}: training on text needs tokenizer.json", model_dir.display()))?;
     let tok = Tokenization {
@@ -479,7 +505,7 @@ fn train_with<B: Backend>(b: &B, a: &TrainArgs, cfg: &sppo::run::config::RunConf
     Ok(())
 }
 
-fn cmd_run(a: RunArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>) -> Result<()> {
+fn cmd_run(a: RunArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
     use sppo::run::config::{RunConfig, RunKeys};
     let mut keys = match &a.config {
         Some(p) => RunKeys::from_toml_file(p)?,
@@ -500,7 +526,7 @@ fn cmd_run(a: RunArgs, threads: Option<usize>, device: DeviceArg, kernel: Option
         _ => LogMode::Normal,
     };
     let report = Reporter::new(mode);
-    let last = match open_device(device, kernel, threads)? {
+    let last = match open_device(device, kernel, threads, precision)? {
         Device::Cpu(b) => sppo::run::run_on(&b, &cfg, a.resume.is_some(), &report)?,
         Device::Cuda(b) => sppo::run::run_on(&*b, &cfg, a.resume.is_some(), &report)?,
     };

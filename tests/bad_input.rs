@@ -292,6 +292,16 @@ fn device_and_kernel_choice() {
         println!("device_and_kernel_choice: a GPU is present; the no-GPU error path is not exercised here");
     }
     expect_error(&["logprobs", "--device", "auto", "--kernel", "attention=flash", "--model", m, "--data", d], &["flash", "naive, fused"]);
+    // --precision: bf16 is for cuda; the CPU computes in f32 (an error when asked for explicitly).
+    expect_error(&["logprobs", "--device", "cpu", "--precision", "bf16", "--model", m, "--data", d], &["--precision bf16", "f32 only"]);
+    expect_error(&["logprobs", "--precision", "fp8", "--model", m, "--data", d], &["fp8"]);
+    let (ok, stderr) = sppo(&["logprobs", "--device", "cpu", "--precision", "f32", "--model", m, "--data", d, "--out", out_cpu.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    if sppo::backend::cuda::probe().unavailable_reason().is_some() {
+        let (ok, stderr) = sppo(&["logprobs", "--device", "auto", "--precision", "bf16", "--model", m, "--data", d, "--out", out_auto.to_str().unwrap()]);
+        assert!(ok && stderr.contains("applies to cuda"), "{stderr}");
+        assert_eq!(std::fs::read_to_string(&out_auto).unwrap(), std::fs::read_to_string(&out_cpu).unwrap());
+    }
 }
 
 /// `sppo train` end to end on good data (the counterpart of the bad-data tests above): a

@@ -72,6 +72,31 @@ fn fill_add_add_inplace_host_match_cpu() {
     }
 }
 
+/// The bf16 → f32 staging copy of the CUDA backend widens exactly, and rounding it back
+/// (`optimizer_round_bf16`) gives the same bf16 values: the host conversions at the boundary
+/// (`backend::to_bf16` / `from_bf16`) agree with both kernels.
+#[test]
+fn widen_and_round_back_host_match_the_boundary_conversions() {
+    use sppo::backend::cuda::backend::{from_bf16, to_bf16};
+    let mut rng = Rng::new(83);
+    for &n in SIZES {
+        let mut x = rng.vec(n, -1e3, 1e3);
+        x[0] = 1.0 + f32::powi(2.0, -8); // a tie: to even
+        let b = to_bf16(&x);
+        let (gx, gy, gz, bx, by, bz) = cfg(n);
+        let mut wide = vec![f32::NAN; n];
+        // SAFETY: elementwise_widen_bf16(float* out, const bf16* inp, size_t n), n each.
+        assert_eq!(unsafe { ffi::elementwise_widen_bf16_host(gx, gy, gz, bx, by, bz, wide.as_mut_ptr(), b.as_ptr(), n) }, 0);
+        assert_eq!(wide, from_bf16(&b), "widen n {n}");
+        let mut narrow = vec![bf16::NAN; n];
+        let oc = sppo::backend::cuda::ops::optimizer::flat_config("round_bf16", n, 4).unwrap();
+        let (gx, gy, gz, bx, by, bz) = grid_args(&oc);
+        // SAFETY: optimizer_round_bf16(bf16* params, const float* master, size_t n), n each.
+        assert_eq!(unsafe { ffi::optimizer_round_bf16_host(gx, gy, gz, bx, by, bz, narrow.as_mut_ptr(), x.as_ptr(), n) }, 0);
+        assert_eq!(unbf(&narrow), unbf(&b), "round n {n}: the kernel's rounding vs the host's");
+    }
+}
+
 /// Runs the f32 row copy on the host harness for the given pairs.
 fn copy_rows_host(dst: &mut [f32], src: &[f32], pairs: &(Vec<i32>, Vec<i32>), width: usize) {
     let (gx, gy, gz, bx, by, bz) = grid_args(&rows_config(pairs.0.len()));

@@ -11,6 +11,8 @@
 //! - Methods that produce parameter gradients ACCUMULATE (`+=`) so micro-batches sum their
 //!   gradients; methods that produce activation gradients say whether they overwrite or add.
 //! - Host slices (`&[u32]`, `&[AttnSeq]`) carry small per-batch metadata; a GPU backend uploads them.
+//! - Storage may be narrower than f32 for some buffers ([`BufRole`], [`Precision`]); host data is
+//!   f32 at the boundary (`upload`, `download`, `write`) whatever the storage.
 
 pub mod cpu;
 pub mod cuda;
@@ -348,6 +350,100 @@ pub trait Backend: Sized + Sync {
     /// params and `square_avg`: g' = g + wd·p; sq ← sq·α + (1 − α)·g'·g'; p ← p − lr·g' / (sqrt(sq) + eps).
     fn rmsprop_step(&self, params: Self::ViewMut<'_>, grads: Self::View<'_>, square_avg: Self::ViewMut<'_>, lr: f64, hp: &RmspropConfig) -> Result<()>;
     // ==== optimizer over flat buffers (end) ====
+
+    // ==== storage precision and device memory (begin; all have defaults the CPU keeps) ====
+    // A backend may store some buffers in a narrower type (the CUDA backend's bf16 mode): the
+    // model says what a buffer holds with a [`BufRole`], every op accepts any mix of storages
+    // (converting where it has no kernel for the mix), and host slices stay f32 (converted at
+    // upload/download). The CPU backend ignores roles: everything is f32.
+
+    /// [`alloc`](Self::alloc) for a buffer of role `role` (`alloc` itself is [`BufRole::Exact`]).
+    fn alloc_as(&self, len: usize, _role: BufRole) -> Result<Self::Buf> {
+        self.alloc(len)
+    }
+    /// [`upload`](Self::upload) for a buffer of role `role` (`upload` itself is [`BufRole::Exact`]).
+    fn upload_as(&self, host: &[f32], _role: BufRole) -> Result<Self::Buf> {
+        self.upload(host)
+    }
+    /// How this backend stores each role (memory planning, logs).
+    fn precision(&self) -> Precision {
+        Precision::F32
+    }
+    /// The memory of the device the buffers live on, when it is not the host's (GPU): what is free
+    /// now and the total. `None`: host memory (planned by `run::memory::available`).
+    fn device_memory(&self) -> Result<Option<DeviceMemory>> {
+        Ok(None)
+    }
+    // ==== storage precision and device memory (end) ====
+}
+
+/// What a buffer holds, so a backend with mixed precision can choose its storage
+/// ([`Backend::alloc_as`]). Reads and writes go through the same trait methods whatever the role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BufRole {
+    /// f32 always: parameter gradients, optimizer state, normalisation statistics (rstd, mean),
+    /// attention and log-prob logsumexps, log-probs and their gradients, logits read by the host.
+    /// What [`Backend::alloc`] and [`Backend::upload`] give.
+    Exact,
+    /// The compute type: activations, activation gradients, the KV cache, rotary tables.
+    Compute,
+    /// Model parameters: the compute type, plus f32 master weights when that is narrower (the
+    /// optimizer updates the master weights; reads see the compute copy; download gives the master).
+    Param,
+}
+
+/// The compute type of a backend: f32 everywhere, or bf16 storage of [`BufRole::Compute`] and
+/// [`BufRole::Param`] buffers (with f32 master weights) and f32 accumulation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// Bytes per element of a buffer of role `role`, the master copy of parameters included.
+    pub fn bytes(self, role: BufRole) -> u64 {
+        match (self, role) {
+            (_, BufRole::Exact) | (Precision::F32, _) => 4,
+            (Precision::Bf16, BufRole::Compute) => 2,
+            (Precision::Bf16, BufRole::Param) => 2 + 4,
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "f32" | "fp32" | "float32" => Ok(Precision::F32),
+            "bf16" | "bfloat16" => Ok(Precision::Bf16),
+            other => anyhow::bail!("unknown precision '{other}' (choices: f32, bf16)"),
+        }
+    }
+}
+
+/// A device's memory ([`Backend::device_memory`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// The device, for messages ("NVIDIA H100 80GB HBM3 (GPU 0)").
+    pub name: String,
+    pub free: u64,
+    pub total: u64,
 }
 
 // ==== optimizer hyperparameters (used by the optimizer block of `Backend`) ====

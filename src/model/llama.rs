@@ -12,9 +12,14 @@
 //!
 //! Batches are packed: sequences end to end, no padding. Activations are kept per layer; with
 //! `recompute` only each layer's input is kept and the rest is recomputed during backward.
+//!
+//! Storage roles ([`BufRole`]): parameters are `Param`; activations, activation gradients, the KV
+//! cache and the rotary tables are `Compute` (bf16 on a bf16 backend); everything else stays
+//! `Exact` f32 (norm statistics, logsumexps, log-probs and their gradients, parameter gradients,
+//! logits read by the host). A backend without mixed precision (the CPU) ignores the roles.
 
 use super::weights::{DecoderRanges, LayerRanges, ParamLayout};
-use crate::backend::{AttnMask, AttnSeq, AttnShape, Backend, IGNORE_TARGET};
+use crate::backend::{AttnMask, AttnSeq, AttnShape, Backend, BufRole, IGNORE_TARGET};
 use crate::config::ModelConfig;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::Path;
@@ -88,19 +93,21 @@ pub struct LayerActs<B: Backend> {
 impl<B: Backend> LayerActs<B> {
     fn new(b: &B, cfg: &ModelConfig, n: usize, input_only: bool) -> Result<Self> {
         let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
-        let a = |len: usize| if input_only { b.alloc(0) } else { b.alloc(len) };
+        // Activations in the compute type, statistics exact; empty when only the input is kept.
+        let a = |len: usize| b.alloc_as(if input_only { 0 } else { len }, BufRole::Compute);
+        let exact = |len: usize| b.alloc(if input_only { 0 } else { len });
         Ok(LayerActs {
-            resid_in: b.alloc(n * c)?,
+            resid_in: b.alloc_as(n * c, BufRole::Compute)?,
             ln1: a(n * c)?,
-            ln1_rstd: a(n)?,
+            ln1_rstd: exact(n)?,
             q: a(n * cfg.q_dim())?,
             k: a(n * cfg.kv_dim())?,
             v: a(n * cfg.kv_dim())?,
             att: a(n * cfg.q_dim())?,
-            att_lse: a(n * cfg.num_heads)?,
+            att_lse: exact(n * cfg.num_heads)?,
             resid_mid: a(n * c)?,
             ln2: a(n * c)?,
-            ln2_rstd: a(n)?,
+            ln2_rstd: exact(n)?,
             gate: a(n * i)?,
             up: a(n * i)?,
             act: a(n * i)?,
@@ -131,8 +138,8 @@ impl<B: Backend> Activations<B> {
             recompute,
             layers: (0..cfg.num_layers).map(|_| LayerActs::new(b, cfg, n, recompute)).collect::<Result<_>>()?,
             scratch: if recompute { Some(LayerActs::new(b, cfg, n, false)?) } else { None },
-            resid_final: b.alloc(n * c)?,
-            lnf: b.alloc(n * c)?,
+            resid_final: b.alloc_as(n * c, BufRole::Compute)?,
+            lnf: b.alloc_as(n * c, BufRole::Compute)?,
             lnf_rstd: b.alloc(n)?,
             logp: b.alloc(n)?,
             lse: b.alloc(n)?,
@@ -195,8 +202,9 @@ impl<B: Backend> Llama<B> {
         let layout = ParamLayout::llama(&cfg);
         ensure!(flat.len() == layout.total, "flat parameters hold {} values, the config needs {}", flat.len(), layout.total);
         let ranges = layout.decoder_ranges(&cfg);
-        let params = b.upload(flat)?;
-        let mut m = Llama { cfg, layout, ranges, params, rope_cos: b.alloc(0)?, rope_sin: b.alloc(0)?, rope_len: 0 };
+        let params = b.upload_as(flat, BufRole::Param)?;
+        let (rope_cos, rope_sin) = (b.alloc_as(0, BufRole::Compute)?, b.alloc_as(0, BufRole::Compute)?);
+        let mut m = Llama { cfg, layout, ranges, params, rope_cos, rope_sin, rope_len: 0 };
         m.ensure_positions(b, 256)?;
         Ok(m)
     }
@@ -219,8 +227,10 @@ impl<B: Backend> Llama<B> {
                 sin[p * half + i] = angle.sin() as f32;
             }
         }
-        self.rope_cos = b.upload(&cos)?;
-        self.rope_sin = b.upload(&sin)?;
+        // On a bf16 backend the tables are rounded to bf16, as transformers casts cos/sin to the
+        // activations' dtype.
+        self.rope_cos = b.upload_as(&cos, BufRole::Compute)?;
+        self.rope_sin = b.upload_as(&sin, BufRole::Compute)?;
         self.rope_len = n;
         Ok(())
     }
@@ -344,7 +354,7 @@ impl<B: Backend> Llama<B> {
         if let Some(&v) = vocab_ids.iter().find(|&&v| v as usize >= self.cfg.vocab_size) {
             bail!("token id {v} is outside the model's vocabulary of {}", self.cfg.vocab_size);
         }
-        let mut w = b.alloc(vocab_ids.len() * c)?; // (T, C)
+        let mut w = b.alloc_as(vocab_ids.len() * c, BufRole::Compute)?; // (T, C)
         b.gather_rows(b.full_mut(&mut w), b.view(&self.params, lm_head), vocab_ids, c)?;
         self.project_rows(b, acts, rows, b.full(&w), vocab_ids.len())
     }
@@ -365,7 +375,7 @@ impl<B: Backend> Llama<B> {
         if let Some(&r) = rows.iter().find(|&&r| r as usize >= acts.n) {
             bail!("row {r} is outside the activations of {} rows", acts.n);
         }
-        let mut picked = b.alloc(rows.len() * c)?; // (M, C)
+        let mut picked = b.alloc_as(rows.len() * c, BufRole::Compute)?; // (M, C)
         b.gather_rows(b.full_mut(&mut picked), b.full(&acts.lnf), rows, c)?;
         let mut out = b.alloc(rows.len() * out_dim)?; // (M, out_dim)
         b.matmul_forward(b.full_mut(&mut out), b.full(&picked), weight, c, out_dim)?;
@@ -420,7 +430,7 @@ impl<B: Backend> Llama<B> {
 
     pub fn alloc_kv_cache(&self, b: &B, rows: usize) -> Result<KvCache<B>> {
         let kvd = self.cfg.kv_dim();
-        let mk = || (0..self.cfg.num_layers).map(|_| b.alloc(rows * kvd)).collect::<Result<Vec<_>>>();
+        let mk = || (0..self.cfg.num_layers).map(|_| b.alloc_as(rows * kvd, BufRole::Compute)).collect::<Result<Vec<_>>>();
         Ok(KvCache { k: mk()?, v: mk()?, rows })
     }
 
@@ -470,7 +480,7 @@ impl<B: Backend> Llama<B> {
         }
         let c = self.cfg.hidden_size;
         let mut la = LayerActs::new(b, &self.cfg, n, false)?;
-        let mut out = b.alloc(n * c)?;
+        let mut out = b.alloc_as(n * c, BufRole::Compute)?;
         b.embedding_forward(b.full_mut(&mut la.resid_in), b.view(&self.params, self.ranges.embed_tokens.clone()), tokens, c)?;
         for l in 0..self.cfg.num_layers {
             let kv = KvSource::Cache { k: &mut cache.k[l], v: &mut cache.v[l], rows: cache_rows, seqs };
@@ -478,9 +488,9 @@ impl<B: Backend> Llama<B> {
             std::mem::swap(&mut la.resid_in, &mut out);
         }
         let m = logit_rows.len();
-        let mut last = b.alloc(m * c)?;
+        let mut last = b.alloc_as(m * c, BufRole::Compute)?;
         b.gather_rows(b.full_mut(&mut last), b.full(&la.resid_in), logit_rows, c)?;
-        let (mut normed, mut rstd) = (b.alloc(m * c)?, b.alloc(m)?);
+        let (mut normed, mut rstd) = (b.alloc_as(m * c, BufRole::Compute)?, b.alloc(m)?);
         b.rmsnorm_forward(b.full_mut(&mut normed), b.full_mut(&mut rstd), b.full(&last), b.view(&self.params, self.ranges.norm.clone()), c, self.cfg.rms_norm_eps)?;
         let mut logits = b.alloc(m * self.cfg.vocab_size)?;
         b.matmul_forward(b.full_mut(&mut logits), b.full(&normed), b.view(&self.params, lm_head), c, self.cfg.vocab_size)?;
@@ -513,16 +523,17 @@ impl<B: Backend> Llama<B> {
             .map(|t| if batch.targets[t] == IGNORE_TARGET { 0.0 } else { dseq[batch.row_seq[t] as usize] })
             .collect();
         let dlogp = b.upload(&dlogp_host)?;
+        let a = |len: usize| b.alloc_as(len, BufRole::Compute);
         let mut g = GradScratch::<B> {
-            dresid: b.alloc(n * c)?,
-            dln: b.alloc(n * c)?,
-            datt: b.alloc(n * qd)?,
-            dq: b.alloc(n * qd)?,
-            dk: b.alloc(n * kvd)?,
-            dv: b.alloc(n * kvd)?,
-            dact: b.alloc(n * i)?,
-            dgate: b.alloc(n * i)?,
-            dup: b.alloc(n * i)?,
+            dresid: a(n * c)?,
+            dln: a(n * c)?,
+            datt: a(n * qd)?,
+            dq: a(n * qd)?,
+            dk: a(n * kvd)?,
+            dv: a(n * kvd)?,
+            dact: a(n * i)?,
+            dgate: a(n * i)?,
+            dup: a(n * i)?,
         };
 
         // LM head + log-probs, then the final norm.
@@ -549,7 +560,7 @@ impl<B: Backend> Llama<B> {
         )?;
 
         // Recompute mode: a sink for the recomputed layer output (not needed, already known).
-        let mut sink = if acts.scratch.is_some() { Some(b.alloc(n * c)?) } else { None };
+        let mut sink = if acts.scratch.is_some() { Some(b.alloc_as(n * c, BufRole::Compute)?) } else { None };
         for l in (0..cfg.num_layers).rev() {
             match (acts.scratch.as_mut(), sink.as_mut()) {
                 (Some(s), Some(sink)) => {
@@ -668,7 +679,7 @@ impl<B: Backend> Llama<B> {
         })
     }
 
-    /// Downloads the flat parameters (f32).
+    /// Downloads the flat parameters (f32; a bf16 backend's master weights).
     pub fn params_host(&self, b: &B) -> Result<Vec<f32>> {
         b.download(&self.params)
     }

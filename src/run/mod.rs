@@ -146,10 +146,9 @@ fn explain_failure(e: anyhow::Error, run_dir: &Path, kept: &str) -> anyhow::Erro
     }
 }
 
-/// The memory check of `cfg` against what this machine has (see [`memory`]).
-pub fn check_memory(cfg: &RunConfig) -> Result<()> {
-    let model_cfg = crate::config::ModelConfig::from_model_dir(&cfg.model)?;
-    let plan = memory::Plan {
+/// What the memory check needs of `cfg`; `generation`: whether the run samples.
+fn memory_plan(cfg: &RunConfig, generation: bool) -> memory::Plan {
+    memory::Plan {
         micro_batch: cfg.per_device_train_batch_size,
         responses_per_example: match cfg.train_on {
             TrainOn::BestWorst => 2,
@@ -161,11 +160,47 @@ pub fn check_memory(cfg: &RunConfig) -> Result<()> {
         generation_batch_size: cfg.generation_batch_size,
         gradient_checkpointing: cfg.gradient_checkpointing,
         optimizer_buffers: if cfg.optim == "adamw" { 2 } else { 1 },
-    };
+        generation,
+    }
+}
+
+/// The memory check of the `sppo run` loop of `cfg` against what this machine has (see
+/// [`memory`]), on the CPU backend.
+pub fn check_memory(cfg: &RunConfig) -> Result<()> {
+    let model_cfg = crate::config::ModelConfig::from_model_dir(&cfg.model)?;
     if let Some((available, source)) = memory::available() {
-        memory::check(&model_cfg, &plan, available, &source).with_context(|| format!("{}: the run's plan", cfg.model.display()))?;
+        memory::check(&model_cfg, &memory_plan(cfg, true), available, &source).with_context(|| format!("{}: the run's plan", cfg.model.display()))?;
     }
     Ok(())
+}
+
+/// The memory check of `cfg` on backend `b`, before anything is loaded: a GPU backend's free
+/// device memory against an estimate in its storage precision, else the host's (see [`memory`]).
+/// Sampling is counted when `cfg` is a whole loop (`sppo run`), not for `sppo train` (its
+/// `max_new_tokens`… keep their defaults there): pass `generation` accordingly.
+pub fn check_memory_for<B: Backend>(b: &B, cfg: &RunConfig, generation: bool) -> Result<()> {
+    let model_cfg = crate::config::ModelConfig::from_model_dir(&cfg.model)?;
+    let plan = memory_plan(cfg, generation);
+    let what = || format!("{}: the run's plan on {}", cfg.model.display(), b.name());
+    match b.device_memory()? {
+        Some(dev) => {
+            let (available, source) = memory::gpu_available_override()
+                .unwrap_or_else(|| (dev.free, format!("free on {} of {} total", dev.name, memory::human(dev.total))));
+            let storage = memory::Storage::of(b.precision());
+            memory::check_gpu(&model_cfg, &plan, &storage, available, &source).with_context(what)?;
+        }
+        None => {
+            if let Some((available, source)) = memory::available() {
+                memory::check(&model_cfg, &plan, available, &source).with_context(what)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`check_memory_for`] of a whole loop (`sppo run`).
+pub fn check_memory_on<B: Backend>(b: &B, cfg: &RunConfig) -> Result<()> {
+    check_memory_for(b, cfg, true)
 }
 
 /// Runs (or resumes) the loop on the CPU backend; returns the path of the last checkpoint.
@@ -178,7 +213,7 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
 pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporter) -> Result<PathBuf> {
     let run_dir = &cfg.run_dir;
     let hash = config_hash(cfg)?;
-    check_memory(cfg)?;
+    check_memory_on(b, cfg)?;
     let mut manifest = match Manifest::load(run_dir)? {
         Some(m) if resume => {
             ensure!(

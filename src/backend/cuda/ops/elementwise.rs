@@ -2,7 +2,7 @@
 //! the Backend trait's `scatter_rows` (KV-cache appends) and `gather_rows` (logits rows), in f32 and
 //! bf16 storage. Lengths and row indices are checked here; [`scatter_pairs`] and [`gather_pairs`]
 //! turn an index into the kernel's (destination, source) row pairs, shared by the GPU launchers
-//! and the host-harness tests.
+//! and the host-harness tests. [`widen_bf16`] is the CUDA backend's bf16 → f32 staging copy.
 
 use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig, PushKernelArg};
 
@@ -136,6 +136,28 @@ pub fn add_inplace<T: Element>(dev: &CudaDevice, acc: &mut CudaViewMut<'_, T>, x
     launch.arg(acc).arg(x).arg(&n);
     // SAFETY: elementwise_add_inplace_{f32,bf16}(T* acc, const T* x, size_t n), both n long.
     unsafe { launch.launch(flat_config(n)) }.map_err(CudaError::driver(format!("launching {kernel} ({n})")))?;
+    Ok(())
+}
+
+/// The widening kernel (bf16 → f32, exact).
+pub const WIDEN_BF16_KERNEL: &str = "elementwise_widen_bf16";
+
+/// `out = inp` widened from bf16 to f32 (exact), the same length. The way back (round to nearest
+/// even) is `optimizer::round_bf16`.
+pub fn widen_bf16(dev: &CudaDevice, out: &mut CudaViewMut<'_, f32>, inp: &CudaView<'_, half::bf16>) -> Result<()> {
+    let n = out.len();
+    if inp.len() != n {
+        return Err(shape("widen_bf16", format!("out has {n} elements, inp {}", inp.len())));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let func = dev.function(&ELEMENTWISE, WIDEN_BF16_KERNEL)?;
+    let mut launch = dev.stream().launch_builder(&func);
+    launch.arg(out).arg(inp).arg(&n);
+    // SAFETY: elementwise_widen_bf16(float* out, const bf16* inp, size_t n), both n long
+    // (checked); out is an exclusive borrow, so it does not alias inp.
+    unsafe { launch.launch(flat_config(n)) }.map_err(CudaError::driver(format!("launching {WIDEN_BF16_KERNEL} ({n})")))?;
     Ok(())
 }
 

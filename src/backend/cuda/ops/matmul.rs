@@ -1,5 +1,7 @@
-//! Matrix products of the Hugging Face Linear layout through cuBLAS (f32 in, f32 accumulate; a
-//! bf16 tensor-core path through cuBLASLt comes with the bf16 backend):
+//! Matrix products of the Hugging Face Linear layout through cuBLAS: f32 operands by `sgemm`
+//! ([`forward`] and friends), bf16 operands by `cublasGemmEx` with f32 compute
+//! (`CUBLAS_COMPUTE_32F`, tensor cores) writing a bf16 or an f32 result ([`forward_ex`] and
+//! friends: the bf16 backend's products, and its parameter gradients accumulated in f32):
 //! forward `out (N, OC) = inp (N, IC) · Wᵀ`, backward `dinp (N, IC) (+)= dout (N, OC) · W` and
 //! `dW (OC, IC) += doutᵀ · inp`, W (OC, IC) row-major, as `Backend::matmul_*` (CPU reference:
 //! `src/backend/cpu/matmul.rs`).
@@ -9,8 +11,11 @@
 //! the `GemmConfig`, so the mapping is unit-tested without a GPU).
 
 use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType_t};
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaStream, CudaView, CudaViewMut, DevicePtr, DevicePtrMut};
+
+use super::Element;
 
 use crate::backend::cuda::error::{CudaError, Result};
 
@@ -146,6 +151,117 @@ pub fn backward_input(
 pub fn backward_weight(blas: &CudaBlas, dweight: &mut CudaViewMut<'_, f32>, dout: &CudaView<'_, f32>, inp: &CudaView<'_, f32>, in_dim: usize, out_dim: usize) -> Result<()> {
     match plan_backward_weight(dweight.len(), dout.len(), inp.len(), in_dim, out_dim)? {
         Some(cfg) => run(blas, "matmul_backward_weight", cfg, inp, dout, dweight),
+        None => Ok(()),
+    }
+}
+
+/// An element type `cublasGemmEx` takes, with its `cudaDataType`.
+pub trait BlasElement: Element {
+    const CUDA_TYPE: cudaDataType_t;
+}
+
+impl BlasElement for f32 {
+    const CUDA_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_32F;
+}
+
+impl BlasElement for half::bf16 {
+    const CUDA_TYPE: cudaDataType_t = cudaDataType_t::CUDA_R_16BF;
+}
+
+/// C = α op(A) op(B) + β C by `cublasGemmEx`: A and B of type `I`, C of type `O`, f32 compute and
+/// f32 scalars. cuBLAS supports (I, O) = (bf16, bf16), (bf16, f32) and (f32, f32) this way.
+fn run_ex<I: BlasElement, O: BlasElement>(
+    blas: &CudaBlas,
+    stream: &CudaStream,
+    op: &str,
+    cfg: GemmConfig<f32>,
+    a: &CudaView<'_, I>,
+    b: &CudaView<'_, I>,
+    c: &mut CudaViewMut<'_, O>,
+) -> Result<()> {
+    let (alpha, beta) = (cfg.alpha, cfg.beta);
+    let (pa, _ra) = a.device_ptr(stream);
+    let (pb, _rb) = b.device_ptr(stream);
+    let (pc, _rc) = c.device_ptr_mut(stream);
+    // SAFETY: the plan checked that A, B and C hold the (m, k), (k, n), (m, n) column-major
+    // matrices its leading dimensions describe, in the types passed beside them; `stream` is the
+    // one `blas` was created on (CudaBackend::new), so the recorded events order the accesses;
+    // alpha and beta are host f32 values (the default host pointer mode) matching the f32
+    // compute type; c is an exclusive borrow (no aliasing).
+    unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cfg.transa,
+            cfg.transb,
+            cfg.m,
+            cfg.n,
+            cfg.k,
+            (&alpha) as *const f32 as *const _,
+            pa as *const _,
+            I::CUDA_TYPE,
+            cfg.lda,
+            pb as *const _,
+            I::CUDA_TYPE,
+            cfg.ldb,
+            (&beta) as *const f32 as *const _,
+            pc as *mut _,
+            O::CUDA_TYPE,
+            cfg.ldc,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    }
+    .map_err(|e| shape("matmul", format!("{op}: cublasGemmEx ({} in, {} out) failed: {e}", I::DTYPE, O::DTYPE)))
+}
+
+/// [`forward`] by `cublasGemmEx`: `out (O) = inp (I) · weight (I)ᵀ` (OVERWRITES out).
+pub fn forward_ex<I: BlasElement, O: BlasElement>(
+    blas: &CudaBlas,
+    stream: &CudaStream,
+    out: &mut CudaViewMut<'_, O>,
+    inp: &CudaView<'_, I>,
+    weight: &CudaView<'_, I>,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<()> {
+    match plan_forward(out.len(), inp.len(), weight.len(), in_dim, out_dim)? {
+        Some(cfg) => run_ex(blas, stream, "matmul_forward", cfg, weight, inp, out),
+        None => Ok(()),
+    }
+}
+
+/// [`backward_input`] by `cublasGemmEx`: `dinp (O) (+)= dout (I) · weight (I)`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_input_ex<I: BlasElement, O: BlasElement>(
+    blas: &CudaBlas,
+    stream: &CudaStream,
+    dinp: &mut CudaViewMut<'_, O>,
+    dout: &CudaView<'_, I>,
+    weight: &CudaView<'_, I>,
+    in_dim: usize,
+    out_dim: usize,
+    accumulate: bool,
+) -> Result<()> {
+    match plan_backward_input(dinp.len(), dout.len(), weight.len(), in_dim, out_dim, accumulate)? {
+        Some(cfg) => run_ex(blas, stream, "matmul_backward_input", cfg, weight, dout, dinp),
+        None => Ok(()),
+    }
+}
+
+/// [`backward_weight`] by `cublasGemmEx`: `dweight (O) += dout (I)ᵀ · inp (I)`; with O = f32 the
+/// parameter gradient accumulates in f32 across micro-batches.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_weight_ex<I: BlasElement, O: BlasElement>(
+    blas: &CudaBlas,
+    stream: &CudaStream,
+    dweight: &mut CudaViewMut<'_, O>,
+    dout: &CudaView<'_, I>,
+    inp: &CudaView<'_, I>,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<()> {
+    match plan_backward_weight(dweight.len(), dout.len(), inp.len(), in_dim, out_dim)? {
+        Some(cfg) => run_ex(blas, stream, "matmul_backward_weight", cfg, inp, dout, dweight),
         None => Ok(()),
     }
 }
