@@ -49,14 +49,14 @@ const MIN_ROWS_PER_TASK: usize = 16;
 /// in size, so that a product of 192 rows (a K projection) splits evenly over the workers.
 const TASKS_PER_THREAD: usize = 4;
 
-/// Bytes of weight rows a task keeps hot in L2 while it runs every group of 8 inputs over them.
+/// Bytes of weight rows a task keeps hot in L2 while it runs every group of inputs over them.
 const L2_BLOCK_BYTES: usize = 192 << 10;
 
-/// Weight rows per task for `out_dim` rows of `row_bytes` over `threads` workers and `n` inputs:
-/// with more than one group of inputs, few enough rows that they stay in L2 between groups.
-fn rows_per_task(out_dim: usize, row_bytes: usize, threads: usize, n: usize) -> usize {
+/// Weight rows per task for `out_dim` rows of `row_bytes` over `threads` workers and `n` inputs
+/// in groups of `group`: with more than one group, few enough rows that they stay in L2 between groups.
+fn rows_per_task(out_dim: usize, row_bytes: usize, threads: usize, n: usize, group: usize) -> usize {
     let mut rows = out_dim.div_ceil(threads.max(1) * TASKS_PER_THREAD);
-    if n > GROUP {
+    if n > group {
         rows = rows.min(L2_BLOCK_BYTES / row_bytes.max(1));
     }
     rows.max(MIN_ROWS_PER_TASK)
@@ -71,9 +71,10 @@ pub(super) fn forward(out: &mut [f32], inp: &[f32], weight: Weights<'_>, n: usiz
     }
     // The tasks write (weight row, input row) tiles: out transposed, (OC, n), then transposed back.
     let mut out_t = vec![0.0f32; out_dim * n];
-    let packed = pack(inp, n, in_dim);
+    let group = group_size(in_dim);
+    let packed = pack(inp, n, in_dim, group);
     let row_bytes = in_dim * if matches!(weight, Weights::F32(_)) { 4 } else { 2 };
-    let rows = rows_per_task(out_dim, row_bytes, threads, n);
+    let rows = rows_per_task(out_dim, row_bytes, threads, n, group);
     let task = |(i, o): (usize, &mut [f32])| {
         let first = i * rows;
         tile(o, inp, &packed, weight.rows(first, first + o.len() / n, in_dim), n, in_dim)
@@ -93,16 +94,31 @@ pub(super) fn forward(out: &mut [f32], inp: &[f32], weight: Weights<'_>, n: usiz
 /// Input rows per group: one AVX accumulator each, 8 of the 16 registers.
 const GROUP: usize = 8;
 
-/// The inputs for the AVX2 kernel: rows in groups of up to 8, each group interleaved by 8-float
+/// Bytes of packed inputs a group may keep in L1 (32 KiB here, shared with the weight stream).
+const L1_INPUT_BYTES: usize = 20 << 10;
+
+/// Input rows per group for rows of `in_dim`: 8, or 4 when 8 packed rows would not stay in L1
+/// (the down projection: 8 × 1536 floats = 48 KiB; read from L2 at every step, the kernel ran at
+/// half speed). The second group then reads the task's weight rows from L2 (`rows_per_task`).
+/// Each dot product is summed in the same order whatever the group size.
+fn group_size(in_dim: usize) -> usize {
+    if GROUP * in_dim * 4 <= L1_INPUT_BYTES {
+        GROUP
+    } else {
+        GROUP / 2
+    }
+}
+
+/// The inputs for the AVX2 kernel: rows in groups of `group` (8, or 4 for wide rows: [`group_size`]), each group interleaved by 8-float
 /// piece, (IC/8, G, 8), so that the G loads of a step sit at constant offsets from one pointer
 /// (addressed as `x + g * in_dim + k`, the compiler chains one add per row and serialises the
-/// loop). Group j starts at `j * 8 * body`; the tails past `body` are read from `inp`.
-fn pack(inp: &[f32], n: usize, in_dim: usize) -> Vec<f32> {
+/// loop). Group j starts at `j * group * body`; the tails past `body` are read from `inp`.
+fn pack(inp: &[f32], n: usize, in_dim: usize, group: usize) -> Vec<f32> {
     let body = in_dim - in_dim % LANES;
     let mut packed = vec![0.0f32; n * body];
-    for (j, rows) in inp.chunks(GROUP * in_dim).enumerate() {
+    for (j, rows) in inp.chunks(group * in_dim).enumerate() {
         let g_n = rows.len() / in_dim;
-        let dst = &mut packed[j * GROUP * body..];
+        let dst = &mut packed[j * group * body..];
         for (g, row) in rows.chunks_exact(in_dim).enumerate() {
             for (c, piece) in row[..body].chunks_exact(LANES).enumerate() {
                 dst[(c * g_n + g) * LANES..(c * g_n + g + 1) * LANES].copy_from_slice(piece);
@@ -212,7 +228,7 @@ unsafe fn rowwise_avx2_typed<W: WeightElem>(out_t: &mut [f32], inp: &[f32], pack
     assert!(weight.len() >= rows_w * in_dim && inp.len() >= n * in_dim && out_t.len() == rows_w * n && packed.len() == n * body);
     let mut r = 0;
     while r < n {
-        let g = (n - r).min(GROUP);
+        let g = (n - r).min(group_size(in_dim));
         let x = &inp[r * in_dim..(r + g) * in_dim];
         let p = &packed[r * body..(r + g) * body];
         let o = &mut *out_t;
@@ -340,6 +356,26 @@ mod tests {
             let mut d = vec![f32::NAN; oc * n];
             rowwise_portable(&mut d, &inp, Weights::F32(&w_exact), n, ic);
             assert_eq!(c, d, "portable bf16 copy n {n} ic {ic} oc {oc}");
+        }
+    }
+
+    /// Wide rows go in groups of 4 (packed inputs kept in L1), narrow ones in groups of 8; each
+    /// dot product is summed in the same order either way, so the group size never changes a bit.
+    #[test]
+    fn group_size_never_changes_results() {
+        assert_eq!(group_size(576), 8);
+        assert_eq!(group_size(1536), 4);
+        for &(n, ic, oc) in &[(8, 1536, 40), (13, 1000, 17), (3, 1536, 5)] {
+            let w = data(oc * ic, 5);
+            let inp = data(n * ic, 6);
+            let mut all = vec![f32::NAN; n * oc];
+            forward(&mut all, &inp, Weights::F32(&w), n, ic, oc, 2);
+            // Row r alone (a group of one) must give bitwise row r of the batch.
+            for r in 0..n {
+                let mut one = vec![f32::NAN; oc];
+                forward(&mut one, &inp[r * ic..(r + 1) * ic], Weights::F32(&w), 1, ic, oc, 1);
+                assert_eq!(one, all[r * oc..(r + 1) * oc], "n {n} ic {ic}: row {r} alone differs");
+            }
         }
     }
 }
