@@ -208,9 +208,10 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
     run_on(&CpuBackend::new(threads)?, cfg, resume, report)
 }
 
-/// Runs (or resumes) the loop with the policy on backend `b` (sampling, reference log-probs,
-/// training, evaluation sampling); the oracles run on the CPU. Returns the last checkpoint.
-pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporter) -> Result<PathBuf> {
+/// Runs (or resumes) the loop on backend `b`: the policy (sampling, reference log-probs,
+/// training, evaluation sampling) and the model oracles (`similarity`, `reward`, `judge`, on a
+/// clone of `b`: [`crate::oracle::OracleSpec::build_on`]). Returns the last checkpoint.
+pub fn run_on<B: Backend + Clone + 'static>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporter) -> Result<PathBuf> {
     let run_dir = &cfg.run_dir;
     let hash = config_hash(cfg)?;
     check_memory_on(b, cfg)?;
@@ -284,7 +285,7 @@ pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporte
             let started = Instant::now();
             report.stage_start(t, "rank", &format!("ranking with {}", cfg.oracle));
             if oracle.is_none() {
-                oracle = Some(crate::oracle::build_oracle(&cfg.oracle)?);
+                oracle = Some(crate::oracle::build_oracle_on(&cfg.oracle, b)?);
             }
             let o = oracle.as_mut().map(|o| o.as_mut()).context("internal: oracle")?;
             let winrate = match cfg.winrate {

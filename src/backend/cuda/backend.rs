@@ -36,7 +36,7 @@
 //! # Scratch
 //!
 //! Two grow-only pools live in the backend behind `Mutex`es (interior mutability: trait methods
-//! take `&self`): `scratch`, one f32 buffer for the kernels' own workspace (attention backward's
+//! take `&self`; clones of a backend share them): `scratch`, one f32 buffer for the kernels' own workspace (attention backward's
 //! delta, the log-prob chunks of `LOGPROB_CHUNK_ROWS × vocab` logits), and `staging`, one f32
 //! buffer per operand slot of the staging path above. Each grows to the largest request and is
 //! never shrunk or freed before the backend; contents are undefined on entry (the kernels
@@ -240,15 +240,21 @@ enum Access {
 use Access::{ReadWrite, Write};
 
 /// The GPU backend (see the module doc).
+///
+/// Cloning gives a second handle on the same GPU: it shares the context, the stream (so the
+/// clones' work is ordered as one backend's), the cuBLAS handle and the grow-only pools (their
+/// locks serialise the clones' use). A component that owns its backend, such as an oracle
+/// (`crate::oracle::OracleSpec::build_on`), runs on a clone of the loop's backend.
+#[derive(Clone)]
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
-    blas: CudaBlas,
+    blas: Arc<CudaBlas>,
     kernels: KernelChoice,
     precision: Precision,
     /// Grow-only kernel workspace (attention delta, log-prob chunks).
-    scratch: Mutex<Option<CudaSlice<f32>>>,
+    scratch: Arc<Mutex<Option<CudaSlice<f32>>>>,
     /// Grow-only f32 staging copies, one slot per operand of the staging path.
-    staging: Mutex<Vec<CudaSlice<f32>>>,
+    staging: Arc<Mutex<Vec<CudaSlice<f32>>>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -294,7 +300,14 @@ impl CudaBackend {
     pub fn new(ordinal: usize, kernels: KernelChoice, precision: Precision) -> Result<Self> {
         let dev = Arc::new(CudaDevice::new(ordinal)?);
         let blas = CudaBlas::new(dev.stream().clone()).map_err(|e| anyhow!("cuBLAS on {}: {e}", dev.name()))?;
-        Ok(CudaBackend { dev, blas, kernels, precision, scratch: Mutex::new(None), staging: Mutex::new(Vec::new()) })
+        Ok(CudaBackend {
+            dev,
+            blas: Arc::new(blas),
+            kernels,
+            precision,
+            scratch: Arc::new(Mutex::new(None)),
+            staging: Arc::new(Mutex::new(Vec::new())),
+        })
     }
 
     pub fn device(&self) -> &CudaDevice {
