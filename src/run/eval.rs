@@ -615,6 +615,7 @@ pub fn stage<B: Backend + Clone + 'static>(
                 json!({"skipped": "eval_prompts = 0"}),
             )?,
             Some(s) => {
+                let _r = crate::nvtx::range_fmt(format_args!("iteration {t}: eval"));
                 report.stage_start(t, "eval", &format!("evaluating on {} held-out prompts", s.prompts.len()));
                 let mut oracle = crate::oracle::build_oracle_on(&s.oracle, b)?;
                 let evaluation = evaluate(
