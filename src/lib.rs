@@ -7,7 +7,8 @@
 //! `generate` (batched generation with a KV cache), `logprobs` (response scoring), `io` (atomic writes),
 //! `fastexp` (a vectorisable `exp` for softmax sums and the sampler),
 //! `train` (losses, optimizers, clipping, lr schedules, the trainer),
-//! `oracle` (preference oracles, win-rates), `rank` (the rank stage: oracle over generations).
+//! `oracle` (preference oracles, win-rates), `rank` (the rank stage: oracle over generations),
+//! `nvtx` (named ranges for Nsight profiles, free without a profiler).
 
 pub mod backend;
 pub mod chat;
@@ -18,6 +19,7 @@ pub mod generate;
 pub mod io;
 pub mod logprobs;
 pub mod model;
+pub mod nvtx;
 pub mod oracle;
 pub mod prompts;
 pub mod rank;

@@ -19,9 +19,10 @@ struct Cli {
     /// CPU threads (default: all cores).
     #[arg(long, global = true, env = "SPPO_THREADS")]
     threads: Option<usize>,
-    /// Device of `generate`, `logprobs`, `train` and `run` (the policy; oracles stay on the CPU):
-    /// cpu, cuda, or auto (the GPU when usable). The
-    /// default stays cpu until the CUDA backend has passed on a GPU (GPU-STATUS.md).
+    /// Device of `generate`, `logprobs`, `train`, `run`, `eval` and `rank`: the policy and the model
+    /// oracles (similarity, reward, judge; a `command:` oracle is its own program): cpu, cuda, or
+    /// auto (the GPU when usable). The default stays cpu until the CUDA backend has passed on a
+    /// GPU (GPU-STATUS.md).
     #[arg(long, global = true, env = "SPPO_DEVICE", value_enum, default_value_t = DeviceArg::Cpu)]
     device: DeviceArg,
     /// CUDA kernel variants by name, `concern=variant,...` (e.g. `attention=naive`); also the
@@ -305,10 +306,10 @@ fn run(cli: Cli) -> Result<()> {
             Device::Cpu(b) => cmd_logprobs(&b, a),
             Device::Cuda(b) => cmd_logprobs(&*b, a),
         },
-        Cmd::Rank(a) => cmd_rank(a),
+        Cmd::Rank(a) => cmd_rank(a, cli.threads, cli.device, cli.kernel.as_deref(), cli.precision),
         Cmd::Train(a) => cmd_train(a, cli.threads, cli.device, cli.kernel.as_deref(), cli.precision),
         Cmd::Run(a) => cmd_run(a, cli.threads, cli.device, cli.kernel.as_deref(), cli.precision),
-        Cmd::Eval(a) => cmd_eval(a, cli.threads),
+        Cmd::Eval(a) => cmd_eval(a, cli.threads, cli.device, cli.kernel.as_deref(), cli.precision),
         Cmd::Plot(a) => {
             for p in sppo::run::plots::write_plots(&a.run_dir)? {
                 eprintln!("wrote {}", p.display());
@@ -411,8 +412,18 @@ fn cmd_logprobs<B: Backend>(b: &B, a: LogprobsArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_rank(a: RankArgs) -> Result<()> {
-    let mut oracle = sppo::oracle::build_oracle(&a.oracle)?;
+fn cmd_rank(a: RankArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
+    let spec = sppo::oracle::OracleSpec::parse(&a.oracle)?;
+    // Only a model oracle runs on the device: `command:` and `game:` open none.
+    let built = if spec.is_model() {
+        match open_device(device, kernel, threads, precision)? {
+            Device::Cpu(b) => spec.build_on(&b),
+            Device::Cuda(b) => spec.build_on(&*b),
+        }
+    } else {
+        spec.build()
+    };
+    let mut oracle = built.with_context(|| format!("building oracle `{}`", a.oracle))?;
     let opts = sppo::rank::RankOptions { winrate: a.winrate, batch_size: a.batch_size, progress: true };
     let s = sppo::rank::rank_file(oracle.as_mut(), &a.input, &a.out, &opts)?;
     if s.ranked == 0 {
@@ -534,8 +545,13 @@ fn cmd_run(a: RunArgs, threads: Option<usize>, device: DeviceArg, kernel: Option
     Ok(())
 }
 
-fn cmd_eval(a: EvalArgs, threads: Option<usize>) -> Result<()> {
-    let report = sppo::run::eval::eval_run(&a.run_dir, a.prompts.as_deref(), a.oracle.as_deref(), a.num_samples, threads)?;
+fn cmd_eval(a: EvalArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
+    use sppo::run::eval::eval_run_on;
+    let (prompts, oracle) = (a.prompts.as_deref(), a.oracle.as_deref());
+    let report = match open_device(device, kernel, threads, precision)? {
+        Device::Cpu(b) => eval_run_on(&b, &a.run_dir, prompts, oracle, a.num_samples)?,
+        Device::Cuda(b) => eval_run_on(&*b, &a.run_dir, prompts, oracle, a.num_samples)?,
+    };
     let pct = |iv: &Option<sppo::run::eval::Interval>| iv.map_or("-".to_string(), |iv| format!("{:.3} [{:.3}, {:.3}]", iv.mean, iv.lo, iv.hi));
     println!("{} prompts × {} samples, judged by {}; {}", report.prompts, report.num_samples, report.oracle, report.interval);
     for p in &report.policies {

@@ -621,3 +621,64 @@ fn reads_the_reference_pipelines_parquet() {
     assert_eq!(lines[1]["rm_scores"], json!([0.3, 0.2, 0.1]));
     assert_eq!(lines[1]["prompt"], json!("Name a colour."));
 }
+
+/// The reward fixture of tests/fixtures/reward/smollm2_cls with the SmolLM2 tokenizer and chat
+/// template, as a model directory in `into`.
+fn reward_model(into: &Path) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = into.join("reward-model");
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = root.join("tests/fixtures/reward/smollm2_cls/model");
+    let chat = root.join("tests/fixtures/chat/smollm2");
+    for (from, name) in [(&model, "config.json"), (&model, "model.safetensors"), (&chat, "tokenizer.json"), (&chat, "tokenizer_config.json")] {
+        std::fs::copy(from.join(name), dir.join(name)).unwrap();
+    }
+    dir
+}
+
+/// `--device` picks where a model oracle runs: `cuda` without a GPU is a clear error naming why
+/// (no panic from a missing driver); `auto` falls back to the CPU and ranks exactly as `cpu`
+/// (on a GPU machine it runs on cuda: the same choices within bf16 tolerance of the scores);
+/// `command:` and `game:` oracles open no device, so `--device cuda` does not stop them.
+#[test]
+fn device_of_a_model_oracle() {
+    let dir = tempfile::tempdir().unwrap();
+    let gen = dir.path().join("gen.jsonl");
+    write_generations(&gen, 5, 3);
+    let model = reward_model(dir.path());
+    let oracle = format!("reward:{}", model.display());
+    let rank_on = |device: &str, out: &Path| sppo(&["--device", device, "rank", "--oracle", &oracle, "--in", s(&gen), "--out", s(out)]);
+
+    let cpu_out = dir.path().join("cpu.jsonl");
+    ok(&rank_on("cpu", &cpu_out));
+    let cpu = jsonl(&cpu_out);
+    assert_eq!(cpu.len(), 5);
+
+    let auto_out = dir.path().join("auto.jsonl");
+    let stderr = ok(&rank_on("auto", &auto_out));
+    let auto = jsonl(&auto_out);
+    match sppo::backend::cuda::probe().unavailable_reason() {
+        Some(reason) => {
+            assert!(stderr.contains(&format!("device: cpu ({reason})")), "auto names its fallback: {stderr}");
+            assert_eq!(auto, cpu, "auto on the CPU ranks as --device cpu");
+            let e = fails(&rank_on("cuda", &dir.path().join("cuda.jsonl")));
+            assert!(e.contains("--device cuda") && e.contains(&reason), "{e}");
+            assert!(!e.contains("panicked"), "{e}");
+            assert!(!dir.path().join("cuda.jsonl").exists(), "nothing written without the device");
+        }
+        None => {
+            assert!(stderr.contains("device: cuda"), "{stderr}");
+            for (a, c) in auto.iter().zip(&cpu) {
+                let scores = |l: &Map<String, Value>| serde_json::from_value::<Vec<f64>>(l["oracle_scores"].clone()).unwrap_or_default();
+                for (x, y) in scores(a).iter().zip(scores(c)) {
+                    assert!((x - y).abs() < 5e-2, "cuda score {x} vs cpu {y}");
+                }
+            }
+        }
+    }
+
+    // A game oracle needs no device.
+    let game_out = dir.path().join("game.jsonl");
+    ok(&sppo(&["--device", "cuda", "rank", "--oracle", "game:rps", "--in", s(&gen), "--out", s(&game_out)]));
+    assert_eq!(jsonl(&game_out).len(), 5);
+}

@@ -27,6 +27,7 @@
 
 use super::weights::{load_flat_f32_mapped, ParamLayout};
 use crate::backend::{AttnMask, AttnSeq, AttnShape, Backend};
+use crate::nvtx;
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
 use std::ops::Range;
@@ -406,6 +407,7 @@ impl<B: Backend> Bert<B> {
     }
 
     fn forward_ops(&self, b: &B, batch: &EncoderBatch, acts: &mut EncoderActivations<B>) -> Result<()> {
+        let _r = nvtx::range("bert forward");
         self.check_batch(batch, acts)?;
         let c = self.cfg.hidden_size;
         let (p, r) = (&self.params, &self.ranges);
@@ -452,6 +454,7 @@ impl<B: Backend> Bert<B> {
 
     /// One encoder layer: reads `la.resid_in`, fills `la`, writes the layer output to `out`.
     fn layer_forward(&self, b: &B, l: usize, la: &mut EncoderLayerActs<B>, out: &mut B::Buf, batch: &EncoderBatch) -> Result<()> {
+        let _r = nvtx::range_fmt(format_args!("encoder layer {l} forward"));
         let cfg = &self.cfg;
         let (c, i, eps) = (cfg.hidden_size, cfg.intermediate_size, cfg.layer_norm_eps);
         let w = &self.ranges.layers[l];
@@ -523,6 +526,7 @@ impl<B: Backend> Bert<B> {
         dpooled: &[f32],
         grads: &mut B::Buf,
     ) -> Result<()> {
+        let _r = nvtx::range("bert backward");
         ensure!(acts.keep_layers, "encoder backward needs activations built with keep_layers");
         self.check_batch(batch, acts)?;
         let cfg = &self.cfg;
@@ -581,6 +585,7 @@ impl<B: Backend> Bert<B> {
         grads: &mut B::Buf,
         batch: &EncoderBatch,
     ) -> Result<()> {
+        let _r = nvtx::range_fmt(format_args!("encoder layer {l} backward"));
         let cfg = &self.cfg;
         let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
         let w = &self.ranges.layers[l];

@@ -21,6 +21,7 @@
 use super::weights::{DecoderRanges, LayerRanges, ParamLayout};
 use crate::backend::{AttnMask, AttnSeq, AttnShape, Backend, BufRole, IGNORE_TARGET};
 use crate::config::ModelConfig;
+use crate::nvtx;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::Path;
 
@@ -280,6 +281,7 @@ impl<B: Backend> Llama<B> {
     }
 
     fn forward_hidden_ops(&self, b: &B, batch: &Batch, acts: &mut Activations<B>) -> Result<()> {
+        let _r = nvtx::range("llama forward");
         self.check_batch(batch)?;
         ensure!(acts.n == batch.len(), "activations sized for {} rows, batch has {}", acts.n, batch.len());
         let c = self.cfg.hidden_size;
@@ -384,6 +386,7 @@ impl<B: Backend> Llama<B> {
 
     /// One decoder layer: reads `la.resid_in`, fills `la`, writes the layer output to `out`.
     pub fn layer_forward(&self, b: &B, l: usize, la: &mut LayerActs<B>, out: &mut B::Buf, batch: &Batch, kv: KvSource<'_, B>) -> Result<()> {
+        let _r = nvtx::range_fmt(format_args!("layer {l} forward"));
         let cfg = &self.cfg;
         let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
@@ -464,6 +467,7 @@ impl<B: Backend> Llama<B> {
         seqs: &[AttnSeq],
         logit_rows: &[u32],
     ) -> Result<B::Buf> {
+        let _r = nvtx::range("llama forward (KV cache)");
         let lm_head = self.lm_head()?;
         let n = tokens.len();
         let batch = Batch {
@@ -510,6 +514,7 @@ impl<B: Backend> Llama<B> {
     }
 
     fn backward_ops(&self, b: &B, batch: &Batch, acts: &mut Activations<B>, dseq: &[f32], grads: &mut B::Buf) -> Result<()> {
+        let _r = nvtx::range("llama backward");
         ensure!(dseq.len() == batch.num_seqs(), "{} sequence gradients for {} sequences", dseq.len(), batch.num_seqs());
         ensure!(b.len(grads) == self.layout.total, "gradient buffer has {} values, parameters {}", b.len(grads), self.layout.total);
         let cfg = &self.cfg;
@@ -580,6 +585,7 @@ impl<B: Backend> Llama<B> {
 
     /// Backward of one layer: on entry `g.dresid` is ∂L/∂(layer output); on exit ∂L/∂(layer input).
     fn layer_backward(&self, b: &B, l: usize, la: &LayerActs<B>, g: &mut GradScratch<B>, grads: &mut B::Buf, batch: &Batch) -> Result<()> {
+        let _r = nvtx::range_fmt(format_args!("layer {l} backward"));
         let cfg = &self.cfg;
         let (c, i) = (cfg.hidden_size, cfg.intermediate_size);
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());

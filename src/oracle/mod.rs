@@ -14,7 +14,7 @@ pub mod game;
 pub mod spec;
 pub mod winrate;
 
-pub use spec::{build_oracle, OracleSpec};
+pub use spec::{build_oracle, build_oracle_on, OracleSpec};
 
 pub mod similarity;
 

@@ -21,7 +21,12 @@ use std::time::Duration;
 
 use super::command::CommandOracle;
 use super::game::{Game, GameOracle};
+use super::judge::JudgeOracle;
+use super::reward::RewardOracle;
+use super::similarity::SimilarityOracle;
 use super::Oracle;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
 
 /// The kinds a spec may name, for error messages.
 pub const ORACLE_KINDS: [&str; 5] = ["similarity", "reward", "judge", "command", "game"];
@@ -297,35 +302,48 @@ impl OracleSpec {
         }
     }
 
-    /// Builds the oracle (starts the command, loads the model).
+    /// Whether the oracle is a model (`similarity`, `reward`, `judge`) that runs on a backend.
+    pub fn is_model(&self) -> bool {
+        matches!(self, OracleSpec::Similarity { .. } | OracleSpec::Reward { .. } | OracleSpec::Judge { .. })
+    }
+
+    /// Builds the oracle (starts the command, loads the model); a model oracle loads on the CPU
+    /// backend (all cores).
     pub fn build(&self) -> Result<Box<dyn Oracle>> {
+        self.build_with(|| CpuBackend::new(None))
+    }
+
+    /// Builds the oracle with a model oracle on a clone of backend `b` (the device the command or
+    /// loop runs on: the clone shares the CPU pool, or the GPU's context, stream and pools).
+    /// `command:` and `game:` oracles do not use `b`.
+    pub fn build_on<B: Backend + Clone + 'static>(&self, b: &B) -> Result<Box<dyn Oracle>> {
+        self.build_with(|| Ok(b.clone()))
+    }
+
+    /// Builds the oracle; `backend` is called only for a model oracle.
+    fn build_with<B: Backend + 'static>(&self, backend: impl FnOnce() -> Result<B>) -> Result<Box<dyn Oracle>> {
         let name = self.to_string();
-        match self {
-            OracleSpec::Command { argv, timeout } => {
-                Ok(Box::new(CommandOracle::spawn(argv, *timeout, name)?))
-            }
-            OracleSpec::Game { game, .. } => Ok(Box::new(GameOracle::new(game.clone(), name))),
-            OracleSpec::Similarity { .. }
-            | OracleSpec::Reward { .. }
-            | OracleSpec::Judge { .. } => build_model_oracle(self),
-        }
+        Ok(match self {
+            OracleSpec::Command { argv, timeout } => Box::new(CommandOracle::spawn(argv, *timeout, name)?),
+            OracleSpec::Game { game, .. } => Box::new(GameOracle::new(game.clone(), name)),
+            OracleSpec::Similarity { dir, tau } => Box::new(SimilarityOracle::load_with(backend()?, dir, *tau)?),
+            OracleSpec::Reward { dir } => Box::new(RewardOracle::load_on(backend()?, dir)?),
+            OracleSpec::Judge { dir, template } => Box::new(JudgeOracle::load_on(backend()?, dir, template.clone())?),
+        })
     }
 }
 
-/// The model-based oracles, built by their own modules (they load weights on the CPU backend).
-fn build_model_oracle(spec: &OracleSpec) -> Result<Box<dyn Oracle>> {
-    Ok(match spec {
-        OracleSpec::Similarity { dir, tau } => Box::new(super::similarity::SimilarityOracle::load(dir, *tau)?),
-        OracleSpec::Reward { dir } => Box::new(super::reward::RewardOracle::load(dir)?),
-        OracleSpec::Judge { dir, template } => Box::new(super::judge::JudgeOracle::load(dir, template.clone())?),
-        other => bail!("internal: `{}` is not a model-based oracle (spec `{other}`)", other.kind()),
-    })
-}
-
-/// Parses `spec` and builds its oracle.
+/// Parses `spec` and builds its oracle (a model oracle on the CPU backend).
 pub fn build_oracle(spec: &str) -> Result<Box<dyn Oracle>> {
     let parsed = OracleSpec::parse(spec)?;
     parsed
         .build()
         .with_context(|| format!("building oracle `{spec}`"))
+}
+
+/// Parses `spec` and builds its oracle, a model oracle on backend `b` ([`OracleSpec::build_on`]).
+pub fn build_oracle_on<B: Backend + Clone + 'static>(spec: &str, b: &B) -> Result<Box<dyn Oracle>> {
+    OracleSpec::parse(spec)?
+        .build_on(b)
+        .with_context(|| format!("building oracle `{spec}` on {}", b.name()))
 }

@@ -594,7 +594,7 @@ pub fn eval_line(p: &PolicyEval) -> Value {
 /// metrics (a line left by an interrupted earlier attempt is replaced) and records the stage.
 /// `held_out` is the run's evaluation set ([`super::split_prompts`], computed once per run, not
 /// reloaded per iteration). Without held-out prompts the stage records itself as skipped. Plots are rewritten either way (a plotting failure only warns).
-pub fn stage<B: Backend>(
+pub fn stage<B: Backend + Clone + 'static>(
     b: &B,
     cfg: &RunConfig,
     manifest: &mut Manifest,
@@ -615,8 +615,9 @@ pub fn stage<B: Backend>(
                 json!({"skipped": "eval_prompts = 0"}),
             )?,
             Some(s) => {
+                let _r = crate::nvtx::range_fmt(format_args!("iteration {t}: eval"));
                 report.stage_start(t, "eval", &format!("evaluating on {} held-out prompts", s.prompts.len()));
-                let mut oracle = crate::oracle::build_oracle(&s.oracle)?;
+                let mut oracle = crate::oracle::build_oracle_on(&s.oracle, b)?;
                 let evaluation = evaluate(
                     b,
                     run_dir,
@@ -644,13 +645,25 @@ pub fn stage<B: Backend>(
     Ok(())
 }
 
-/// `sppo eval`: evaluates every completed checkpoint of the run in `run_dir`.
+/// `sppo eval` on the CPU backend with `threads` workers ([`eval_run_on`]).
 pub fn eval_run(
     run_dir: &Path,
     prompts: Option<&Path>,
     oracle: Option<&str>,
     num_samples: Option<u32>,
     threads: Option<usize>,
+) -> Result<EvalReport> {
+    eval_run_on(&CpuBackend::new(threads)?, run_dir, prompts, oracle, num_samples)
+}
+
+/// `sppo eval`: evaluates every completed checkpoint of the run in `run_dir`, the policies and a
+/// model oracle on backend `b`.
+pub fn eval_run_on<B: Backend + Clone + 'static>(
+    b: &B,
+    run_dir: &Path,
+    prompts: Option<&Path>,
+    oracle: Option<&str>,
+    num_samples: Option<u32>,
 ) -> Result<EvalReport> {
     let cfg_path = run_dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path).with_context(|| {
@@ -690,9 +703,8 @@ pub fn eval_run(
         },
     };
     let policies = completed_policies(&cfg, &manifest, cfg.iterations);
-    let b = CpuBackend::new(threads)?;
-    let mut o = crate::oracle::build_oracle(&settings.oracle)?;
-    let report = evaluate(&b, run_dir, &settings, &policies, o.as_mut())?;
+    let mut o = crate::oracle::build_oracle_on(&settings.oracle, b)?;
+    let report = evaluate(b, run_dir, &settings, &policies, o.as_mut())?;
     if let Err(e) = super::plots::write_plots(run_dir) {
         eprintln!("warning: plots not written: {e:#}");
     }

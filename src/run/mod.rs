@@ -46,6 +46,7 @@ use crate::backend::Backend;
 use crate::generate::{generate_records, GenOptions};
 use crate::logprobs::TextCodec;
 use crate::model::Llama;
+use crate::nvtx;
 use crate::prompts::{load_prompts, PromptRecord};
 use crate::sampling::SamplingParams;
 use crate::train::data::{read_records, Selection, Tokenization};
@@ -208,9 +209,10 @@ pub fn run(cfg: &RunConfig, resume: bool, threads: Option<usize>, report: &Repor
     run_on(&CpuBackend::new(threads)?, cfg, resume, report)
 }
 
-/// Runs (or resumes) the loop with the policy on backend `b` (sampling, reference log-probs,
-/// training, evaluation sampling); the oracles run on the CPU. Returns the last checkpoint.
-pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporter) -> Result<PathBuf> {
+/// Runs (or resumes) the loop on backend `b`: the policy (sampling, reference log-probs,
+/// training, evaluation sampling) and the model oracles (`similarity`, `reward`, `judge`, on a
+/// clone of `b`: [`crate::oracle::OracleSpec::build_on`]). Returns the last checkpoint.
+pub fn run_on<B: Backend + Clone + 'static>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporter) -> Result<PathBuf> {
     let run_dir = &cfg.run_dir;
     let hash = config_hash(cfg)?;
     check_memory_on(b, cfg)?;
@@ -254,6 +256,7 @@ pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporte
     let mut metrics = MetricsLog::open(&run_dir.join("metrics.jsonl"))?;
 
     for t in 1..=cfg.iterations {
+        let _iteration = nvtx::range_fmt(format_args!("iteration {t}"));
         let dir = iter_dir(run_dir, t);
         let lo = ((t - 1) as usize * per_iter) % prompts.len();
         let chunk: Vec<_> = prompts.iter().cycle().skip(lo).take(per_iter.min(prompts.len())).cloned().collect();
@@ -274,6 +277,7 @@ pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporte
 
         if !manifest.is_done(t, Stage::Generate) {
             let started = Instant::now();
+            let _r = nvtx::range_fmt(format_args!("iteration {t}: sample"));
             report.stage_start(t, "generate", &format!("sampling {} × {} responses", chunk.len(), cfg.num_samples));
             let total = sample(cfg, t, b, &mut model, &codec, &policy_dir, &chunk, &dir, report)?;
             manifest.complete(run_dir, t, Stage::Generate, vec![rel(t, "generations.jsonl")], json!({"prompts": chunk.len(), "tokens": total}))?;
@@ -282,9 +286,10 @@ pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporte
 
         if !manifest.is_done(t, Stage::Rank) {
             let started = Instant::now();
+            let _r = nvtx::range_fmt(format_args!("iteration {t}: rank"));
             report.stage_start(t, "rank", &format!("ranking with {}", cfg.oracle));
             if oracle.is_none() {
-                oracle = Some(crate::oracle::build_oracle(&cfg.oracle)?);
+                oracle = Some(crate::oracle::build_oracle_on(&cfg.oracle, b)?);
             }
             let o = oracle.as_mut().map(|o| o.as_mut()).context("internal: oracle")?;
             let winrate = match cfg.winrate {
@@ -323,6 +328,7 @@ pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporte
             }
         } else {
             let started = Instant::now();
+            let _r = nvtx::range_fmt(format_args!("iteration {t}: reference log-probs"));
             report.stage_start(t, "ref_logprobs", &format!("reference log-probs of {} examples", examples.len()));
             let r = reference_logprobs(b, &mut model, &examples, memory::PACKED_TOKENS, &dir, report)?;
             if let Some((i, _)) = r.iter().enumerate().find(|(_, row)| row.iter().any(|x| !x.is_finite())) {
@@ -351,6 +357,7 @@ pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporte
             report.detail(&format!("{}: dropped {dropped} lines of steps being redone", metrics.path().display()));
         }
         if !manifest.is_done(t, Stage::Train) {
+            let _r = nvtx::range_fmt(format_args!("iteration {t}: train"));
             report.stage_start(t, "train", &format!("training {} steps", trainer.total_steps));
             let kept = |saved: Option<usize>| match saved {
                 Some(s) => format!("the last checkpoint {} and the optimizer state of step {s} in {}", policy_dir.display(), state_dir.display()),
@@ -385,6 +392,7 @@ pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporte
         ensure!(trainer.step() == trainer.total_steps, "{}: training is recorded as done but the saved state is at step {} of {}", state_dir.display(), trainer.step(), trainer.total_steps);
 
         let started = Instant::now();
+        let checkpoint_range = nvtx::range_fmt(format_args!("iteration {t}: checkpoint"));
         report.stage_start(t, "checkpoint", &format!("saving {}", checkpoint.display()));
         let dtype = if cfg.save_dtype == "bf16" { crate::model::weights::SaveDtype::Bf16 } else { crate::model::weights::SaveDtype::F32 };
         model
@@ -397,6 +405,7 @@ pub fn run_on<B: Backend>(b: &B, cfg: &RunConfig, resume: bool, report: &Reporte
             std::fs::remove_dir_all(&state_dir).with_context(|| format!("removing {}", state_dir.display()))?;
         }
         report.stage_end(t, "checkpoint", started.elapsed().as_secs_f64(), &json!({"path": checkpoint}));
+        drop(checkpoint_range);
         report.info(&format!("iteration {t}: checkpoint {}", checkpoint.display()));
         policy_dir = checkpoint;
         eval::stage(b, cfg, &mut manifest, t, &held_out, &mut metrics, report)?;

@@ -313,6 +313,7 @@ impl<B: Backend> Trainer<B> {
         let start = std::time::Instant::now();
         while self.step() < self.total_steps {
             let step = self.step();
+            let _r = crate::nvtx::range_fmt(format_args!("train step {}", step + 1));
             let epoch = (step / per_epoch) as u32;
             let order = epoch_order(examples.len(), s.seed, s.iteration, epoch)?;
             let lo = (step % per_epoch) * s.global_batch();

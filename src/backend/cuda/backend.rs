@@ -36,11 +36,18 @@
 //! # Scratch
 //!
 //! Two grow-only pools live in the backend behind `Mutex`es (interior mutability: trait methods
-//! take `&self`): `scratch`, one f32 buffer for the kernels' own workspace (attention backward's
+//! take `&self`; clones of a backend share them): `scratch`, one f32 buffer for the kernels' own workspace (attention backward's
 //! delta, the log-prob chunks of `LOGPROB_CHUNK_ROWS × vocab` logits), and `staging`, one f32
 //! buffer per operand slot of the staging path above. Each grows to the largest request and is
 //! never shrunk or freed before the backend; contents are undefined on entry (the kernels
 //! overwrite them). The ops never nest a pool inside the same pool, so the locks cannot deadlock.
+//!
+//! # Profiling
+//!
+//! Every method opens an NVTX range named after the op (`rmsnorm_forward`), and each kernel
+//! variant it tries a nested one (`RmsNormVariant::Warp`; an attempt that found no kernel for the
+//! operands' types is an empty range before the variant that ran); the staging path's widen/round
+//! copies sit in `f32 staging`. See `crate::nvtx`: without a profiler these cost an atomic load.
 //!
 //! Views: a `View` is a (buffer, range) pair (cudarc's `CudaView` is not `Copy`, the trait's views
 //! are), turned into a `CudaView` at launch; a `ViewMut` is a [`DViewMut`] over cudarc's
@@ -60,6 +67,7 @@ use super::error::CudaError;
 use super::kernel_choice::KernelChoice;
 use super::ops::{attention, bias, elementwise, embedding, gelu, layernorm, logprobs, matmul, optimizer, rmsnorm, rope, sampling, swiglu, DType};
 use crate::backend::{AdamWConfig, AttnSeq, AttnShape, Backend, BufRole, DeviceMemory, Precision, RmspropConfig};
+use crate::nvtx;
 use crate::sampling::{SamplerScratch, SamplingParams};
 
 /// Rows of logits the log-prob kernels hold at once (their f32 scratch is this × vocab).
@@ -240,15 +248,21 @@ enum Access {
 use Access::{ReadWrite, Write};
 
 /// The GPU backend (see the module doc).
+///
+/// Cloning gives a second handle on the same GPU: it shares the context, the stream (so the
+/// clones' work is ordered as one backend's), the cuBLAS handle and the grow-only pools (their
+/// locks serialise the clones' use). A component that owns its backend, such as an oracle
+/// (`crate::oracle::OracleSpec::build_on`), runs on a clone of the loop's backend.
+#[derive(Clone)]
 pub struct CudaBackend {
     dev: Arc<CudaDevice>,
-    blas: CudaBlas,
+    blas: Arc<CudaBlas>,
     kernels: KernelChoice,
     precision: Precision,
     /// Grow-only kernel workspace (attention delta, log-prob chunks).
-    scratch: Mutex<Option<CudaSlice<f32>>>,
+    scratch: Arc<Mutex<Option<CudaSlice<f32>>>>,
     /// Grow-only f32 staging copies, one slot per operand of the staging path.
-    staging: Mutex<Vec<CudaSlice<f32>>>,
+    staging: Arc<Mutex<Vec<CudaSlice<f32>>>>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -263,18 +277,26 @@ impl std::fmt::Debug for CudaBackend {
 
 /// A launcher's result, retried with the `Naive` variant when the chosen one has no kernel for
 /// this direction or dtype (e.g. a forward-only fast variant during backward).
-fn or_naive<V: Copy>(chosen: V, naive: V, mut f: impl FnMut(V) -> Result<(), CudaError>) -> Result<()> {
-    match f(chosen) {
-        Err(CudaError::UnsupportedDtype { .. }) => Ok(f(naive)?),
+fn or_naive<V: Copy + std::fmt::Debug>(chosen: V, naive: V, mut f: impl FnMut(V) -> Result<(), CudaError>) -> Result<()> {
+    match variant(chosen, &mut f) {
+        Err(CudaError::UnsupportedDtype { .. }) => Ok(variant(naive, &mut f)?),
         other => Ok(other?),
     }
 }
 
+/// `f(v)` inside an NVTX range naming the variant (`RmsNormVariant::Warp`), nested in the op's
+/// range: the launch of that variant's kernels, or an attempt that found no kernel for the types
+/// (an empty range).
+fn variant<V: Copy + std::fmt::Debug>(v: V, f: &mut impl FnMut(V) -> Result<(), CudaError>) -> Result<(), CudaError> {
+    let _r = nvtx::range_fmt(format_args!("{}::{v:?}", nvtx::short_type_name::<V>()));
+    f(v)
+}
+
 /// [`or_naive`] for a bf16 attempt: Ok(false) when neither variant has a kernel for the types
 /// (the caller then takes the staging path); nothing was launched in that case.
-fn try_variants<V: Copy>(chosen: V, naive: V, mut f: impl FnMut(V) -> Result<(), CudaError>) -> Result<bool> {
+fn try_variants<V: Copy + std::fmt::Debug>(chosen: V, naive: V, mut f: impl FnMut(V) -> Result<(), CudaError>) -> Result<bool> {
     for v in [chosen, naive] {
-        match f(v) {
+        match variant(v, &mut f) {
             Ok(()) => return Ok(true),
             Err(CudaError::UnsupportedDtype { .. }) => continue,
             Err(e) => return Err(e.into()),
@@ -294,7 +316,14 @@ impl CudaBackend {
     pub fn new(ordinal: usize, kernels: KernelChoice, precision: Precision) -> Result<Self> {
         let dev = Arc::new(CudaDevice::new(ordinal)?);
         let blas = CudaBlas::new(dev.stream().clone()).map_err(|e| anyhow!("cuBLAS on {}: {e}", dev.name()))?;
-        Ok(CudaBackend { dev, blas, kernels, precision, scratch: Mutex::new(None), staging: Mutex::new(Vec::new()) })
+        Ok(CudaBackend {
+            dev,
+            blas: Arc::new(blas),
+            kernels,
+            precision,
+            scratch: Arc::new(Mutex::new(None)),
+            staging: Arc::new(Mutex::new(Vec::new())),
+        })
     }
 
     pub fn device(&self) -> &CudaDevice {
@@ -360,6 +389,7 @@ impl CudaBackend {
         mut outs: Vec<(DViewMut<'_>, Access)>,
         f: impl FnOnce(&[CudaView<'_, f32>], &mut [CudaViewMut<'_, f32>]) -> Result<()>,
     ) -> Result<()> {
+        let _r = nvtx::range("f32 staging");
         let dev = &*self.dev;
         let mut pool = lock(&self.staging);
         let need: Vec<usize> = ins
@@ -450,6 +480,7 @@ impl Backend for CudaBackend {
     }
 
     fn sample_rows(&self, logits: &DBuf, vocab: usize, uniforms: &[f32], params: &SamplingParams, _scratch: &mut SamplerScratch) -> Result<Vec<u32>> {
+        let _r = nvtx::range("sample_rows");
         let rows = uniforms.len();
         let mut tokens = self.dev.upload(&vec![-1i32; rows])?;
         let mut status = self.dev.upload(&vec![-1i32; rows])?;
@@ -464,14 +495,17 @@ impl Backend for CudaBackend {
 
     // ---- memory ----
     fn alloc(&self, len: usize) -> Result<DBuf> {
+        let _r = nvtx::range("alloc");
         self.alloc_kind(len, StorageKind::F32)
     }
 
     fn upload(&self, host: &[f32]) -> Result<DBuf> {
+        let _r = nvtx::range("upload");
         self.upload_as(host, BufRole::Exact)
     }
 
     fn download(&self, buf: &DBuf) -> Result<Vec<f32>> {
+        let _r = nvtx::range("download");
         if buf.len == 0 {
             return Ok(Vec::new());
         }
@@ -482,6 +516,7 @@ impl Backend for CudaBackend {
     }
 
     fn write(&self, buf: &mut DBuf, offset: usize, host: &[f32]) -> Result<()> {
+        let _r = nvtx::range("write");
         let end = offset.checked_add(host.len()).filter(|&e| e <= buf.len);
         let end = end.ok_or_else(|| anyhow!("write: {} elements at {offset} overflow a buffer of {}", host.len(), buf.len))?;
         if host.is_empty() {
@@ -508,6 +543,7 @@ impl Backend for CudaBackend {
     }
 
     fn fill(&self, buf: DViewMut<'_>, value: f32) -> Result<()> {
+        let _r = nvtx::range("fill");
         match buf {
             DViewMut::F32(mut v) => Ok(elementwise::fill(&self.dev, &mut v, value)?),
             DViewMut::Bf16(mut v) => Ok(elementwise::fill(&self.dev, &mut v, value)?),
@@ -534,6 +570,7 @@ impl Backend for CudaBackend {
 
     // ---- elementwise ----
     fn add(&self, mut out: DViewMut<'_>, a: DView<'_>, b: DView<'_>) -> Result<()> {
+        let _r = nvtx::range("add");
         if let (Some(o), Some(x), Some(y)) = (out.bf16(), a.bf16(), b.bf16()) {
             return Ok(elementwise::add(&self.dev, o, &x, &y)?);
         }
@@ -541,6 +578,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_inplace(&self, mut acc: DViewMut<'_>, x: DView<'_>) -> Result<()> {
+        let _r = nvtx::range("add_inplace");
         if let (Some(a), Some(x)) = (acc.bf16(), x.bf16()) {
             return Ok(elementwise::add_inplace(&self.dev, a, &x)?);
         }
@@ -548,6 +586,7 @@ impl Backend for CudaBackend {
     }
 
     fn scatter_rows(&self, mut dst: DViewMut<'_>, src: DView<'_>, index: &[u32], width: usize) -> Result<()> {
+        let _r = nvtx::range("scatter_rows");
         if let (Some(d), Some(s)) = (dst.bf16(), src.bf16()) {
             return Ok(elementwise::scatter_rows(&self.dev, d, &s, index, width)?);
         }
@@ -556,6 +595,7 @@ impl Backend for CudaBackend {
     }
 
     fn gather_rows(&self, mut dst: DViewMut<'_>, src: DView<'_>, index: &[u32], width: usize) -> Result<()> {
+        let _r = nvtx::range("gather_rows");
         if let (Some(d), Some(s)) = (dst.bf16(), src.bf16()) {
             return Ok(elementwise::gather_rows(&self.dev, d, &s, index, width)?);
         }
@@ -564,6 +604,7 @@ impl Backend for CudaBackend {
 
     // ---- embedding ----
     fn embedding_forward(&self, mut out: DViewMut<'_>, table: DView<'_>, ids: &[u32], dim: usize) -> Result<()> {
+        let _r = nvtx::range("embedding_forward");
         let k = self.kernels.embedding;
         let naive = embedding::EmbeddingVariant::Naive;
         if let (Some(o), Some(t)) = (out.bf16(), table.bf16()) {
@@ -575,6 +616,7 @@ impl Backend for CudaBackend {
     }
 
     fn embedding_backward(&self, dtable: DViewMut<'_>, dout: DView<'_>, ids: &[u32], dim: usize) -> Result<()> {
+        let _r = nvtx::range("embedding_backward");
         // f32 kernels only (a bf16 dout is widened).
         let k = self.kernels.embedding;
         let naive = embedding::EmbeddingVariant::Naive;
@@ -583,6 +625,7 @@ impl Backend for CudaBackend {
 
     // ---- RMSNorm ----
     fn rmsnorm_forward(&self, mut out: DViewMut<'_>, mut rstd: DViewMut<'_>, inp: DView<'_>, weight: DView<'_>, dim: usize, eps: f32) -> Result<()> {
+        let _r = nvtx::range("rmsnorm_forward");
         let k = self.kernels.rmsnorm;
         let naive = rmsnorm::RmsNormVariant::Naive;
         if let (Some(o), Some(r), Some(x), Some(w)) = (out.bf16(), rstd.f32(), inp.bf16(), weight.bf16()) {
@@ -606,6 +649,7 @@ impl Backend for CudaBackend {
         rstd: DView<'_>,
         dim: usize,
     ) -> Result<()> {
+        let _r = nvtx::range("rmsnorm_backward");
         // f32 kernels only: bf16 operands go through staging.
         let k = self.kernels.rmsnorm;
         self.via_f32(&[dout, inp, weight, rstd], vec![(dinp, ReadWrite), (dweight, ReadWrite)], |i, o| {
@@ -616,6 +660,7 @@ impl Backend for CudaBackend {
 
     // ---- matrix products (cuBLAS) ----
     fn matmul_forward(&self, mut out: DViewMut<'_>, inp: DView<'_>, weight: DView<'_>, in_dim: usize, out_dim: usize) -> Result<()> {
+        let _r = nvtx::range("matmul_forward");
         let s = self.dev.stream();
         if let (Some(x), Some(w)) = (inp.bf16(), weight.bf16()) {
             match &mut out {
@@ -628,6 +673,7 @@ impl Backend for CudaBackend {
     }
 
     fn matmul_backward_input(&self, mut dinp: DViewMut<'_>, dout: DView<'_>, weight: DView<'_>, in_dim: usize, out_dim: usize, accumulate: bool) -> Result<()> {
+        let _r = nvtx::range("matmul_backward_input");
         let s = self.dev.stream();
         if let (Some(d), Some(w)) = (dout.bf16(), weight.bf16()) {
             match &mut dinp {
@@ -643,6 +689,7 @@ impl Backend for CudaBackend {
     }
 
     fn matmul_backward_weight(&self, mut dweight: DViewMut<'_>, dout: DView<'_>, inp: DView<'_>, in_dim: usize, out_dim: usize) -> Result<()> {
+        let _r = nvtx::range("matmul_backward_weight");
         let s = self.dev.stream();
         if let (Some(d), Some(x)) = (dout.bf16(), inp.bf16()) {
             match &mut dweight {
@@ -656,6 +703,7 @@ impl Backend for CudaBackend {
 
     // ---- rotary embedding ----
     fn rope_forward(&self, mut x: DViewMut<'_>, cos: DView<'_>, sin: DView<'_>, positions: &[u32], n_heads: usize, head_dim: usize) -> Result<()> {
+        let _r = nvtx::range("rope_forward");
         let k = self.kernels.rope;
         let naive = rope::RopeVariant::Naive;
         if let (Some(xv), Some(c), Some(s)) = (x.bf16(), cos.bf16(), sin.bf16()) {
@@ -669,6 +717,7 @@ impl Backend for CudaBackend {
     }
 
     fn rope_backward(&self, mut dx: DViewMut<'_>, cos: DView<'_>, sin: DView<'_>, positions: &[u32], n_heads: usize, head_dim: usize) -> Result<()> {
+        let _r = nvtx::range("rope_backward");
         let k = self.kernels.rope;
         let naive = rope::RopeVariant::Naive;
         if let (Some(xv), Some(c), Some(s)) = (dx.bf16(), cos.bf16(), sin.bf16()) {
@@ -692,6 +741,7 @@ impl Backend for CudaBackend {
         seqs: &[AttnSeq],
         shape: &AttnShape,
     ) -> Result<()> {
+        let _r = nvtx::range("attention_forward");
         let chosen = self.kernels.attention;
         let naive = attention::AttentionVariant::Naive;
         if let (Some(o), Some(l), Some(qv), Some(kv), Some(vv)) = (out.bf16(), lse.f32(), q.bf16(), k.bf16(), v.bf16()) {
@@ -719,6 +769,7 @@ impl Backend for CudaBackend {
         seqs: &[AttnSeq],
         shape: &AttnShape,
     ) -> Result<()> {
+        let _r = nvtx::range("attention_backward");
         let chosen = self.kernels.attention;
         let naive = attention::AttentionVariant::Naive;
         // delta (Nq, n_heads) = rowsum(dout ⊙ out): the backward's scratch, from the pool.
@@ -744,6 +795,7 @@ impl Backend for CudaBackend {
 
     // ---- SwiGLU ----
     fn swiglu_forward(&self, mut out: DViewMut<'_>, gate: DView<'_>, up: DView<'_>) -> Result<()> {
+        let _r = nvtx::range("swiglu_forward");
         let k = self.kernels.swiglu;
         let naive = swiglu::SwigluVariant::Naive;
         if let (Some(o), Some(g), Some(u)) = (out.bf16(), gate.bf16(), up.bf16()) {
@@ -755,6 +807,7 @@ impl Backend for CudaBackend {
     }
 
     fn swiglu_backward(&self, mut dgate: DViewMut<'_>, mut dup: DViewMut<'_>, dout: DView<'_>, gate: DView<'_>, up: DView<'_>) -> Result<()> {
+        let _r = nvtx::range("swiglu_backward");
         let k = self.kernels.swiglu;
         let naive = swiglu::SwigluVariant::Naive;
         if let (Some(dg), Some(du), Some(d), Some(g), Some(u)) = (dgate.bf16(), dup.bf16(), dout.bf16(), gate.bf16(), up.bf16()) {
@@ -779,6 +832,7 @@ impl Backend for CudaBackend {
         dim: usize,
         vocab: usize,
     ) -> Result<()> {
+        let _r = nvtx::range("token_logprobs_forward");
         let rows = targets.iter().filter(|&&t| t >= 0).count().clamp(1, LOGPROB_CHUNK_ROWS);
         self.with_scratch(rows * vocab, |scratch| {
             if let (Some(lp), Some(l), Some(h), Some(w)) = (logp.f32(), lse.f32(), hidden.bf16(), weight.bf16()) {
@@ -803,6 +857,7 @@ impl Backend for CudaBackend {
         dim: usize,
         vocab: usize,
     ) -> Result<()> {
+        let _r = nvtx::range("token_logprobs_backward");
         let rows = targets.iter().filter(|&&t| t >= 0).count().clamp(1, LOGPROB_CHUNK_ROWS);
         self.with_scratch(rows * vocab, |scratch| {
             if let (Some(dh), Some(dw), Some(dl), Some(h), Some(w), Some(l)) =
@@ -849,6 +904,7 @@ impl Backend for CudaBackend {
         dim: usize,
         eps: f32,
     ) -> Result<()> {
+        let _r = nvtx::range("layernorm_forward");
         let k = self.kernels.layernorm;
         let naive = layernorm::LayerNormVariant::Naive;
         if let (Some(o), Some(m), Some(r), Some(x), Some(w), Some(b)) = (out.bf16(), mean.f32(), rstd.f32(), inp.bf16(), weight.bf16(), bias.bf16()) {
@@ -874,6 +930,7 @@ impl Backend for CudaBackend {
         rstd: DView<'_>,
         dim: usize,
     ) -> Result<()> {
+        let _r = nvtx::range("layernorm_backward");
         // f32 kernels only.
         let k = self.kernels.layernorm;
         self.via_f32(&[dout, inp, weight, mean, rstd], vec![(dinp, ReadWrite), (dweight, ReadWrite), (dbias, ReadWrite)], |i, o| {
@@ -885,6 +942,7 @@ impl Backend for CudaBackend {
     }
 
     fn gelu_forward(&self, mut out: DViewMut<'_>, inp: DView<'_>) -> Result<()> {
+        let _r = nvtx::range("gelu_forward");
         let k = self.kernels.gelu;
         let naive = gelu::GeluVariant::Naive;
         if let (Some(o), Some(x)) = (out.bf16(), inp.bf16()) {
@@ -896,6 +954,7 @@ impl Backend for CudaBackend {
     }
 
     fn gelu_backward(&self, mut dinp: DViewMut<'_>, dout: DView<'_>, inp: DView<'_>) -> Result<()> {
+        let _r = nvtx::range("gelu_backward");
         let k = self.kernels.gelu;
         let naive = gelu::GeluVariant::Naive;
         if let (Some(di), Some(d), Some(x)) = (dinp.bf16(), dout.bf16(), inp.bf16()) {
@@ -907,6 +966,7 @@ impl Backend for CudaBackend {
     }
 
     fn bias_add(&self, mut out: DViewMut<'_>, b: DView<'_>) -> Result<()> {
+        let _r = nvtx::range("bias_add");
         let k = self.kernels.bias;
         let naive = bias::BiasVariant::Naive;
         if let (Some(o), Some(bv)) = (out.bf16(), b.bf16()) {
@@ -918,6 +978,7 @@ impl Backend for CudaBackend {
     }
 
     fn bias_backward(&self, dbias: DViewMut<'_>, dout: DView<'_>) -> Result<()> {
+        let _r = nvtx::range("bias_backward");
         // f32 kernels only.
         let k = self.kernels.bias;
         self.via_f32(&[dout], vec![(dbias, ReadWrite)], |i, o| or_naive(k, bias::BiasVariant::Naive, |v| bias::bias_backward(&self.dev, v, &mut o[0], &i[0])))
@@ -925,6 +986,7 @@ impl Backend for CudaBackend {
 
     // ---- optimizer over flat buffers ----
     fn grad_norm_sq(&self, grads: DView<'_>) -> Result<f64> {
+        let _r = nvtx::range("grad_norm_sq");
         let mut total = 0.0;
         self.via_f32(&[grads], vec![], |i, _| {
             total = optimizer::grad_norm_sq(&self.dev, &i[0])?;
@@ -934,6 +996,7 @@ impl Backend for CudaBackend {
     }
 
     fn scale(&self, buf: DViewMut<'_>, factor: f64) -> Result<()> {
+        let _r = nvtx::range("scale");
         self.via_f32(&[], vec![(buf, ReadWrite)], |_, o| Ok(optimizer::scale(&self.dev, &mut o[0], factor)?))
     }
 
@@ -947,6 +1010,7 @@ impl Backend for CudaBackend {
         lr: f64,
         hp: &AdamWConfig,
     ) -> Result<()> {
+        let _r = nvtx::range("adamw_step");
         ensure!(step >= 1, "adamw_step: step is 1-based, got 0");
         if let (Some(g), Some(mv), Some(vv)) = (grads.f32(), m.f32(), v.f32()) {
             match &mut params {
@@ -964,6 +1028,7 @@ impl Backend for CudaBackend {
     }
 
     fn rmsprop_step(&self, mut params: DViewMut<'_>, grads: DView<'_>, mut square_avg: DViewMut<'_>, lr: f64, hp: &RmspropConfig) -> Result<()> {
+        let _r = nvtx::range("rmsprop_step");
         if let (Some(g), Some(sq)) = (grads.f32(), square_avg.f32()) {
             match &mut params {
                 DViewMut::Master { bf16, master } => return Ok(optimizer::rmsprop_step_bf16_master(&self.dev, bf16, master, &g, sq, lr, hp)?),
@@ -979,10 +1044,12 @@ impl Backend for CudaBackend {
 
     // ---- storage precision and device memory ----
     fn alloc_as(&self, len: usize, role: BufRole) -> Result<DBuf> {
+        let _r = nvtx::range("alloc_as");
         self.alloc_kind(len, storage_for(self.precision, role))
     }
 
     fn upload_as(&self, host: &[f32], role: BufRole) -> Result<DBuf> {
+        let _r = nvtx::range("upload_as");
         let mut buf = self.alloc_as(host.len(), role)?;
         self.write(&mut buf, 0, host)?;
         Ok(buf)
@@ -993,6 +1060,7 @@ impl Backend for CudaBackend {
     }
 
     fn device_memory(&self) -> Result<Option<DeviceMemory>> {
+        let _r = nvtx::range("device_memory");
         let (free, total) = self
             .dev
             .context()
