@@ -169,6 +169,9 @@ pub struct SamplerScratch {
     fine_mass: Vec<f64>,
     fine_count: Vec<u32>,
     fine_cands: Vec<Cand>,
+    /// `flat_draw`: (V) every token's scaled logit `l / t`, in id order (the candidates then are
+    /// every token, and `fast_w`/`fast_bucket` are indexed by id).
+    flat_x: Vec<f32>,
     /// Calls that took the step-by-step path (tests check that the fast path is the usual one).
     fast_fallbacks: u64,
 }
@@ -186,6 +189,7 @@ impl Default for SamplerScratch {
             fine_mass: vec![0.0; FINE_BUCKETS],
             fine_count: vec![0; FINE_BUCKETS],
             fine_cands: Vec::new(),
+            flat_x: Vec::new(),
             fast_fallbacks: 0,
         }
     }
@@ -381,6 +385,11 @@ fn check_logits(logits: &[f32]) -> Result<()> {
 /// Draws one token: the module doc's procedure with the uniform `u` in [0, 1).
 pub fn sample(logits: &[f32], params: &SamplingParams, u: f32, scratch: &mut SamplerScratch) -> Result<u32> {
     ensure!((0.0..1.0).contains(&u), "sample: uniform must be in [0, 1), got {u}");
+    match flat_draw(logits, params, u, scratch) {
+        Flat::Token(id) => return Ok(id),
+        Flat::Undecided => return sample_exact(logits, params, u, scratch),
+        Flat::NotApplicable => {}
+    }
     if let Some(id) = start(logits, params, scratch)? {
         return Ok(id);
     }
@@ -448,7 +457,8 @@ struct Crossing {
 impl SamplerScratch {
     /// The first canonical index j with `S_{j+1} > t`, if both `S_{j+1} - t` and `t - S_j` exceed
     /// `2 err` (then `>` and `>=` agree, and so do the step-by-step sums); else None.
-    fn crossing(&mut self, t: f64, err: f64) -> Option<Crossing> {
+    /// `flat`: the candidates are every token in id order (`flat_draw`), else `self.cands`.
+    fn crossing(&mut self, t: f64, err: f64, flat: bool) -> Option<Crossing> {
         let mut cum = 0.0f64;
         let mut before = 0usize;
         let b = (0..FINE_BUCKETS).find(|&b| {
@@ -462,7 +472,13 @@ impl SamplerScratch {
         })?;
         self.fine_cands.clear();
         let bucket = b as u16;
-        self.fine_cands.extend(self.cands.iter().zip(&self.fast_bucket).filter(|(_, &cb)| cb == bucket).map(|(c, _)| *c));
+        if flat {
+            let (xs, ws) = (&self.flat_x, &self.fast_w);
+            let hits = self.fast_bucket.iter().enumerate().filter(|(_, &cb)| cb == bucket);
+            self.fine_cands.extend(hits.map(|(i, _)| Cand { x: xs[i], id: i as u32, w: ws[i] }));
+        } else {
+            self.fine_cands.extend(self.cands.iter().zip(&self.fast_bucket).filter(|(_, &cb)| cb == bucket).map(|(c, _)| *c));
+        }
         self.fine_cands.sort_unstable_by_key(Cand::key);
         let mut sum = cum;
         for (k, c) in self.fine_cands.iter().enumerate() {
@@ -483,38 +499,111 @@ fn fast_draw(params: &SamplingParams, u: f32, s: &mut SamplerScratch) -> Option<
     if params.min_p > 0.0 {
         return None;
     }
-    let n = s.cands.len();
     let m = s.m;
     let m64 = f64::from(m);
     s.fast_w.clear();
     s.fast_w.extend(s.cands.iter().map(|c| f64::from(c.x) - m64));
     exp_fast_slice(&mut s.fast_w);
-    s.fine_mass.fill(0.0);
-    s.fine_count.fill(0);
     s.fast_bucket.clear();
-    let mut z = 0.0f64;
+    s.fast_bucket.extend(s.cands.iter().map(|c| fine_bucket(m, c.x) as u16));
     for (c, &w) in s.cands.iter_mut().zip(&s.fast_w) {
         c.w = w;
-        z += w;
-        let b = fine_bucket(m, c.x);
-        s.fine_mass[b] += w;
-        s.fine_count[b] += 1;
-        s.fast_bucket.push(b as u16);
     }
-    // Each sum of positive weights is off by at most (terms added) * 2^-53 relative per summation
-    // order (n weights and FINE_BUCKETS bucket sums here, n in the step-by-step order), plus the
-    // weights' own error; 2x for the products (top_p * Z, u * total) and slack.
-    let rel = EXP_REL_ERR + (2 * n + FINE_BUCKETS + 16) as f64 * f64::EPSILON;
-    let err = rel * z + n as f64 * EXP_FLOOR_ABS;
-    let (kept, total) = if params.top_p < 1.0 {
-        let cut = s.crossing(f64::from(params.top_p) * z, err)?;
-        let kept = cut.index + 1;
-        (kept, if kept == n { z } else { cut.sum })
-    } else {
-        (n, z)
-    };
-    let draw = s.crossing(f64::from(u) * total, err)?;
-    (draw.index < kept).then_some(draw.id)
+    let z = s.fine_histogram();
+    s.decide(params, u, z, false)
+}
+
+/// What [`flat_draw`] found.
+enum Flat {
+    /// Top-k or min-p on, a logit that is not finite after temperature, or invalid parameters:
+    /// the general path handles it (and reports errors).
+    NotApplicable,
+    Token(u32),
+    /// Too close to call: the step-by-step path decides.
+    Undecided,
+}
+
+/// `fast_draw` straight from the logits for the usual case (no top-k, no min-p, every scaled
+/// logit finite): the candidates are then every token in id order, so the weights, fine buckets
+/// and histogram are computed over flat arrays instead of 16-byte candidate records (the records
+/// are built only for the one bucket each threshold falls in). Same weights, same error bound,
+/// same decisions.
+fn flat_draw(logits: &[f32], params: &SamplingParams, u: f32, s: &mut SamplerScratch) -> Flat {
+    let n = logits.len();
+    let top_k_on = params.top_k > 0 && params.top_k < n;
+    if params.validate().is_err() || params.is_greedy() || params.min_p > 0.0 || top_k_on || n == 0 || n > u32::MAX as usize {
+        return Flat::NotApplicable;
+    }
+    let t = params.temperature;
+    s.flat_x.clear();
+    // `+ 0.0` turns -0.0 into +0.0 (the canonical key ties them), as `start` does.
+    s.flat_x.extend(logits.iter().map(|&l| l / t + 0.0));
+    // The max in 8 lanes (one running max is a latency chain); any non-finite x (NaN, ±inf,
+    // overflow) sends the call to the general path.
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut finite = true;
+    let mut chunks = s.flat_x.chunks_exact(8);
+    for ch in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(ch) {
+            *lane = lane.max(x);
+            finite &= x.is_finite();
+        }
+    }
+    for &x in chunks.remainder() {
+        lanes[0] = lanes[0].max(x);
+        finite &= x.is_finite();
+    }
+    if !finite {
+        return Flat::NotApplicable;
+    }
+    let m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let m64 = f64::from(m);
+    s.m = m;
+    s.fast_w.clear();
+    s.fast_w.extend(s.flat_x.iter().map(|&x| f64::from(x) - m64));
+    exp_fast_slice(&mut s.fast_w);
+    s.fast_bucket.clear();
+    s.fast_bucket.extend(s.flat_x.iter().map(|&x| fine_bucket(m, x) as u16));
+    let z = s.fine_histogram();
+    match s.decide(params, u, z, true) {
+        Some(id) => Flat::Token(id),
+        None => Flat::Undecided,
+    }
+}
+
+impl SamplerScratch {
+    /// Fine-bucket masses and counts of `fast_w` by `fast_bucket`; returns Z, their sum.
+    fn fine_histogram(&mut self) -> f64 {
+        self.fine_mass.fill(0.0);
+        self.fine_count.fill(0);
+        let mut z = 0.0f64;
+        for (&w, &b) in self.fast_w.iter().zip(&self.fast_bucket) {
+            z += w;
+            self.fine_mass[b as usize] += w;
+            self.fine_count[b as usize] += 1;
+        }
+        z
+    }
+
+    /// Steps 6 and 8 from the weights and the histogram (`fast_w`, Z): the top-p cut, then the
+    /// draw, each by [`Self::crossing`]; None when either is too close to call.
+    fn decide(&mut self, params: &SamplingParams, u: f32, z: f64, flat: bool) -> Option<u32> {
+        let n = self.fast_w.len();
+        // Each sum of positive weights is off by at most (terms added) * 2^-53 relative per summation
+        // order (n weights and FINE_BUCKETS bucket sums here, n in the step-by-step order), plus the
+        // weights' own error; 2x for the products (top_p * Z, u * total) and slack.
+        let rel = EXP_REL_ERR + (2 * n + FINE_BUCKETS + 16) as f64 * f64::EPSILON;
+        let err = rel * z + n as f64 * EXP_FLOOR_ABS;
+        let (kept, total) = if params.top_p < 1.0 {
+            let cut = self.crossing(f64::from(params.top_p) * z, err, flat)?;
+            let kept = cut.index + 1;
+            (kept, if kept == n { z } else { cut.sum })
+        } else {
+            (n, z)
+        };
+        let draw = self.crossing(f64::from(u) * total, err, flat)?;
+        (draw.index < kept).then_some(draw.id)
+    }
 }
 
 /// The kept tokens and their probabilities (`w / total`), in canonical order, summing to 1.
