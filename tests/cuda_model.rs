@@ -34,6 +34,22 @@ fn cases() -> Vec<PathBuf> {
 }
 
 /// The backends to check: default kernels, then every naive variant.
+/// A fixture case: its name, reference tensors and (token ids, prompt length) sequences.
+type Refs = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+fn load_case(dir: &std::path::Path) -> (String, Refs, Vec<(Vec<u32>, usize)>) {
+    let name = dir.file_name().unwrap().to_string_lossy().to_string();
+    let refs = read_all_f32(&dir.join("reference.safetensors")).unwrap();
+    let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
+    let seqs = meta["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(s, m)| (refs[&format!("input_ids.{s}")].1.iter().map(|&x| x as u32).collect(), m["prompt_len"].as_u64().unwrap() as usize))
+        .collect();
+    (name, refs, seqs)
+}
+
 fn backends(test: &str) -> Option<Vec<(String, CudaBackend)>> {
     if let Some(reason) = sppo::backend::cuda::probe().unavailable_reason() {
         common::print_skip(test, &reason);
@@ -53,16 +69,7 @@ fn cuda_model_matches_transformers_and_cpu() {
     let Some(gpus) = backends("cuda_model_matches_transformers_and_cpu") else { return };
     for (kname, g) in &gpus {
         for dir in cases() {
-            let name = dir.file_name().unwrap().to_string_lossy().to_string();
-            let refs = read_all_f32(&dir.join("reference.safetensors")).unwrap();
-            let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
-            let seqs: Vec<(Vec<u32>, usize)> = meta["sequences"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .enumerate()
-                .map(|(s, m)| (refs[&format!("input_ids.{s}")].1.iter().map(|&x| x as u32).collect(), m["prompt_len"].as_u64().unwrap() as usize))
-                .collect();
+            let (name, refs, seqs) = load_case(&dir);
             let model = Llama::load(g, &dir.join("model")).unwrap_or_else(|e| panic!("{kname} {name}: {e:#}"));
             for recompute in [false, true] {
                 let batch = Batch::from_sequences(seqs.iter().map(|(ids, p)| (ids.as_slice(), *p))).unwrap();
@@ -193,16 +200,7 @@ fn cuda_bf16_model_matches_cpu_with_bf16_tolerances() {
     let cpu = CpuBackend::new(None).unwrap();
     for (kname, g) in &gpus {
         for dir in cases() {
-            let name = dir.file_name().unwrap().to_string_lossy().to_string();
-            let refs = read_all_f32(&dir.join("reference.safetensors")).unwrap();
-            let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
-            let seqs: Vec<(Vec<u32>, usize)> = meta["sequences"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .enumerate()
-                .map(|(s, m)| (refs[&format!("input_ids.{s}")].1.iter().map(|&x| x as u32).collect(), m["prompt_len"].as_u64().unwrap() as usize))
-                .collect();
+            let (name, refs, seqs) = load_case(&dir);
             let weights = &refs["loss_weights"].1;
             let on_gpu = Llama::load(g, &dir.join("model")).unwrap_or_else(|e| panic!("{kname} {name}: {e:#}"));
             // Download gives the f32 master weights: the file's values, unrounded.
