@@ -21,10 +21,10 @@ struct Cli {
     threads: Option<usize>,
     /// Device of `generate`, `logprobs`, `train`, `run`, `eval` and `rank`: the policy and the model
     /// oracles (similarity, reward, judge; a `command:` oracle is its own program): cpu, cuda, or
-    /// auto (the GPU when usable). The default stays cpu until the CUDA backend has passed on a
-    /// GPU (GPU-STATUS.md).
-    #[arg(long, global = true, env = "SPPO_DEVICE", value_enum, default_value_t = DeviceArg::Cpu)]
-    device: DeviceArg,
+    /// auto (the GPU when usable, else the CPU with the reason printed). Without it: cuda when a
+    /// usable GPU is found, else the CPU without a word (the CPU is then the expected device).
+    #[arg(long, global = true, env = "SPPO_DEVICE", value_enum)]
+    device: Option<DeviceArg>,
     /// CUDA kernel variants by name, `concern=variant,...` (e.g. `attention=naive`); also the
     /// SPPO_KERNELS environment variable. Unknown names are errors listing the choices.
     #[arg(long, global = true)]
@@ -79,11 +79,12 @@ enum Device {
     Cuda(Box<sppo::backend::cuda::CudaBackend>),
 }
 
-/// Opens the backend `--device` asks for; `auto` falls back to the CPU with the reason printed,
+/// Opens the backend `--device` asks for (none: `auto` without the fallback note); `auto` falls
+/// back to the CPU with the reason printed,
 /// `cuda` without a usable GPU is an error naming why (never a panic from a missing driver).
 /// `--precision` on cuda: bf16 unless f32 is asked for; on the CPU, f32 (bf16 asked for
 /// explicitly is an error for `--device cpu`, a note when `auto` falls back to the CPU).
-fn open_device(device: DeviceArg, kernel: Option<&str>, threads: Option<usize>, precision: Option<PrecisionArg>) -> Result<Device> {
+fn open_device(device: Option<DeviceArg>, kernel: Option<&str>, threads: Option<usize>, precision: Option<PrecisionArg>) -> Result<Device> {
     use sppo::backend::cuda::{kernel_choice::KernelChoice, probe, CudaBackend};
     use sppo::backend::Precision;
     let kernels = KernelChoice::from_env(kernel)?;
@@ -95,6 +96,11 @@ fn open_device(device: DeviceArg, kernel: Option<&str>, threads: Option<usize>, 
         let b = CudaBackend::new(0, kernels, on_gpu).with_context(|| format!("{why}: opening GPU 0"))?;
         eprintln!("device: cuda ({}, precision {on_gpu}, kernels {})", b.device().name(), kernels.describe());
         Ok(Device::Cuda(Box::new(b)))
+    };
+    // No --device: cuda when usable, as `auto`, but a CPU machine stays quiet about it.
+    let (device, announce_fallback) = match device {
+        Some(d) => (d, true),
+        None => (DeviceArg::Auto, false),
     };
     match device {
         DeviceArg::Cpu if precision == Some(PrecisionArg::Bf16) => {
@@ -108,7 +114,9 @@ fn open_device(device: DeviceArg, kernel: Option<&str>, threads: Option<usize>, 
         DeviceArg::Auto => match probe().unavailable_reason() {
             None => cuda("--device auto"),
             Some(reason) => {
-                eprintln!("device: cpu ({reason})");
+                if announce_fallback {
+                    eprintln!("device: cpu ({reason})");
+                }
                 if precision == Some(PrecisionArg::Bf16) {
                     eprintln!("note: --precision bf16 applies to cuda; the CPU computes in f32");
                 }
@@ -412,7 +420,7 @@ fn cmd_logprobs<B: Backend>(b: &B, a: LogprobsArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_rank(a: RankArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
+fn cmd_rank(a: RankArgs, threads: Option<usize>, device: Option<DeviceArg>, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
     let spec = sppo::oracle::OracleSpec::parse(&a.oracle)?;
     // Only a model oracle runs on the device: `command:` and `game:` open none.
     let built = if spec.is_model() {
@@ -442,7 +450,7 @@ fn cmd_rank(a: RankArgs, threads: Option<usize>, device: DeviceArg, kernel: Opti
     Ok(())
 }
 
-fn cmd_train(a: TrainArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
+fn cmd_train(a: TrainArgs, threads: Option<usize>, device: Option<DeviceArg>, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
     use sppo::run::config::{RunConfig, RunKeys};
     let file_keys = match &a.config {
         Some(p) => RunKeys::from_toml_file(p)?,
@@ -516,7 +524,7 @@ fn train_with<B: Backend>(b: &B, a: &TrainArgs, cfg: &sppo::run::config::RunConf
     Ok(())
 }
 
-fn cmd_run(a: RunArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
+fn cmd_run(a: RunArgs, threads: Option<usize>, device: Option<DeviceArg>, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
     use sppo::run::config::{RunConfig, RunKeys};
     let mut keys = match &a.config {
         Some(p) => RunKeys::from_toml_file(p)?,
@@ -545,7 +553,7 @@ fn cmd_run(a: RunArgs, threads: Option<usize>, device: DeviceArg, kernel: Option
     Ok(())
 }
 
-fn cmd_eval(a: EvalArgs, threads: Option<usize>, device: DeviceArg, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
+fn cmd_eval(a: EvalArgs, threads: Option<usize>, device: Option<DeviceArg>, kernel: Option<&str>, precision: Option<PrecisionArg>) -> Result<()> {
     use sppo::run::eval::eval_run_on;
     let (prompts, oracle) = (a.prompts.as_deref(), a.oracle.as_deref());
     let report = match open_device(device, kernel, threads, precision)? {

@@ -270,8 +270,8 @@ fn run_prompts_without_text_or_without_room_for_a_response() {
     expect_error(&["run", "--config", &run("r3", roomy)], &["long", "no room for a response"]);
 }
 
-/// `--device cuda` without a usable GPU is a clear error naming why (never a panic from a missing
-/// driver); `--device auto` falls back to the CPU and gives the CPU's answer; an unknown kernel
+/// No `--device` on a machine without a GPU runs on the CPU quietly; `--device cuda` without a
+/// usable GPU is a clear error naming why (never a panic from a missing driver); `--device auto` falls back to the CPU and gives the CPU's answer; an unknown kernel
 /// variant is an error listing the choices.
 #[test]
 fn device_and_kernel_choice() {
@@ -284,6 +284,12 @@ fn device_and_kernel_choice() {
     let (ok, stderr) = sppo(&["logprobs", "--model", m, "--data", d, "--out", out_cpu.to_str().unwrap()]);
     assert!(ok, "{stderr}");
     if let Some(reason) = sppo::backend::cuda::probe().unavailable_reason() {
+        // No --device: cuda when usable, else the CPU without a word about it.
+        assert!(!stderr.contains("device:"), "the default on a CPU machine is quiet: {stderr}");
+        let out_forced = tmp.path().join("forced.jsonl");
+        let (ok, stderr) = sppo(&["logprobs", "--device", "cpu", "--model", m, "--data", d, "--out", out_forced.to_str().unwrap()]);
+        assert!(ok, "{stderr}");
+        assert_eq!(std::fs::read_to_string(&out_forced).unwrap(), std::fs::read_to_string(&out_cpu).unwrap());
         expect_error(&["logprobs", "--device", "cuda", "--model", m, "--data", d], &["--device cuda", &reason]);
         let (ok, stderr) = sppo(&["logprobs", "--device", "auto", "--model", m, "--data", d, "--out", out_auto.to_str().unwrap()]);
         assert!(ok && stderr.contains("device: cpu"), "{stderr}");
