@@ -504,10 +504,11 @@ fn fast_draw(params: &SamplingParams, u: f32, s: &mut SamplerScratch) -> Option<
     s.fast_w.clear();
     s.fast_w.extend(s.cands.iter().map(|c| f64::from(c.x) - m64));
     exp_fast_slice(&mut s.fast_w);
+    // One pass over the candidate records: their weight and fine bucket.
     s.fast_bucket.clear();
-    s.fast_bucket.extend(s.cands.iter().map(|c| fine_bucket(m, c.x) as u16));
     for (c, &w) in s.cands.iter_mut().zip(&s.fast_w) {
         c.w = w;
+        s.fast_bucket.push(fine_bucket(m, c.x) as u16);
     }
     let z = s.fine_histogram();
     s.decide(params, u, z, false)
