@@ -437,13 +437,29 @@ fn sample_exact(logits: &[f32], params: &SamplingParams, u: f32, scratch: &mut S
 // otherwise (a chance of order 1e-6 per draw) returns None and the caller runs `sample_exact`.
 // Min-p (a per-token cutoff) is left to `sample_exact`.
 
-/// Fine buckets of `m - x`: FINE_PER_NAT per nat over 16 nats, the last open-ended.
+/// Fine buckets of `m - x`: FINE_BUCKETS spread over the candidates' range `m - min x`, but never
+/// coarser than FINE_PER_NAT per nat (a range over 16 nats leaves the last bucket open-ended).
 const FINE_PER_NAT: f32 = 256.0;
 const FINE_BUCKETS: usize = 4096;
 
+/// Fine buckets per nat for candidates spanning `range` nats. A nearly flat distribution (high
+/// temperature, an untrained model) spans a small fraction of a nat: at a fixed 256 per nat its
+/// whole vocabulary would fall in a few buckets, each crossing sorting thousands of tokens.
+fn fine_scale(range: f32) -> f32 {
+    let full = FINE_BUCKETS as f32 / FINE_PER_NAT;
+    if range >= full {
+        FINE_PER_NAT
+    } else {
+        // (m - x) * scale <= ~FINE_BUCKETS for every candidate, so the product never overflows.
+        FINE_BUCKETS as f32 / range.max(1e-30)
+    }
+}
+
+/// The fine bucket of `x`: monotone in `m - x` (a positive scale, then truncation), so each
+/// bucket is a contiguous run of the canonical order whatever the scale.
 #[inline(always)]
-fn fine_bucket(m: f32, x: f32) -> usize {
-    ((m - x) * FINE_PER_NAT).min((FINE_BUCKETS - 1) as f32) as usize
+fn fine_bucket(scale: f32, m: f32, x: f32) -> usize {
+    ((m - x) * scale).min((FINE_BUCKETS - 1) as f32) as usize
 }
 
 /// Where a threshold falls in the canonical order: the first candidate whose prefix sum (itself
@@ -504,11 +520,13 @@ fn fast_draw(params: &SamplingParams, u: f32, s: &mut SamplerScratch) -> Option<
     s.fast_w.clear();
     s.fast_w.extend(s.cands.iter().map(|c| f64::from(c.x) - m64));
     exp_fast_slice(&mut s.fast_w);
+    let lo = s.cands.iter().fold(f32::INFINITY, |a, c| a.min(c.x));
+    let scale = fine_scale(m - lo);
     // One pass over the candidate records: their weight and fine bucket.
     s.fast_bucket.clear();
     for (c, &w) in s.cands.iter_mut().zip(&s.fast_w) {
         c.w = w;
-        s.fast_bucket.push(fine_bucket(m, c.x) as u16);
+        s.fast_bucket.push(fine_bucket(scale, m, c.x) as u16);
     }
     let z = s.fine_histogram();
     s.decide(params, u, z, false)
@@ -539,32 +557,36 @@ fn flat_draw(logits: &[f32], params: &SamplingParams, u: f32, s: &mut SamplerScr
     s.flat_x.clear();
     // `+ 0.0` turns -0.0 into +0.0 (the canonical key ties them), as `start` does.
     s.flat_x.extend(logits.iter().map(|&l| l / t + 0.0));
-    // The max in 8 lanes (one running max is a latency chain); any non-finite x (NaN, ±inf,
-    // overflow) sends the call to the general path.
+    // The max and min in 8 lanes (one running max is a latency chain); any non-finite x (NaN,
+    // ±inf, overflow) sends the call to the general path.
     let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut lows = [f32::INFINITY; 8];
     let mut finite = true;
     let mut chunks = s.flat_x.chunks_exact(8);
     for ch in &mut chunks {
-        for (lane, &x) in lanes.iter_mut().zip(ch) {
+        for ((lane, low), &x) in lanes.iter_mut().zip(&mut lows).zip(ch) {
             *lane = lane.max(x);
+            *low = low.min(x);
             finite &= x.is_finite();
         }
     }
     for &x in chunks.remainder() {
         lanes[0] = lanes[0].max(x);
+        lows[0] = lows[0].min(x);
         finite &= x.is_finite();
     }
     if !finite {
         return Flat::NotApplicable;
     }
     let m = lanes.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let scale = fine_scale(m - lows.iter().fold(f32::INFINITY, |a, &b| a.min(b)));
     let m64 = f64::from(m);
     s.m = m;
     s.fast_w.clear();
     s.fast_w.extend(s.flat_x.iter().map(|&x| f64::from(x) - m64));
     exp_fast_slice(&mut s.fast_w);
     s.fast_bucket.clear();
-    s.fast_bucket.extend(s.flat_x.iter().map(|&x| fine_bucket(m, x) as u16));
+    s.fast_bucket.extend(s.flat_x.iter().map(|&x| fine_bucket(scale, m, x) as u16));
     let z = s.fine_histogram();
     match s.decide(params, u, z, true) {
         Some(id) => Flat::Token(id),
@@ -671,6 +693,8 @@ mod tests {
         };
         let lm_like: Vec<f32> = (0..20000).map(|i| (2.5 * gauss() + if i % 997 == 0 { 9.0 } else { 0.0 }) as f32).collect();
         let flat: Vec<f32> = (0..20000).map(|_| (0.05 * gauss()) as f32).collect();
+        // An untrained model's logits: the whole vocabulary within a hundredth of a nat.
+        let near_flat: Vec<f32> = (0..49152).map(|_| (0.002 * gauss()) as f32).collect();
         let tied = vec![0.25f32; 4096];
         let mut wide: Vec<f32> = (0..5000).map(|i| -(i as f32) * 0.37).collect();
         wide[17] = f32::NEG_INFINITY;
@@ -683,7 +707,7 @@ mod tests {
             SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.95, min_p: 0.05 },
         ];
         let (mut fast, mut exact) = (SamplerScratch::new(), SamplerScratch::new());
-        for (name, logits) in [("lm_like", &lm_like), ("flat", &flat), ("tied", &tied), ("wide", &wide)] {
+        for (name, logits) in [("lm_like", &lm_like), ("flat", &flat), ("near_flat", &near_flat), ("tied", &tied), ("wide", &wide)] {
             for p in &params {
                 let before = fast.fast_fallbacks;
                 let draws = 600u32;
@@ -704,6 +728,25 @@ mod tests {
                     assert!(fallbacks <= u64::from(draws) / 100, "{name} {p:?}: {fallbacks} of {draws} draws fell back");
                 }
             }
+        }
+    }
+
+    /// Fine buckets follow the candidates' range: a vocabulary within 0.01 nat spreads over the
+    /// buckets instead of filling two or three (each crossing would sort thousands of tokens).
+    #[test]
+    fn fine_buckets_spread_narrow_ranges() {
+        let logits: Vec<f32> = (0..49152u32).map(|i| ((i.wrapping_mul(2654435761) >> 8) % 10007) as f32 * 1e-6).collect();
+        let mut s = SamplerScratch::new();
+        let params = SamplingParams { temperature: 0.7, top_k: 0, top_p: 0.9, min_p: 0.0 };
+        assert!(matches!(flat_draw(&logits, &params, 0.5, &mut s), Flat::Token(_)));
+        let fullest = *s.fine_count.iter().max().unwrap();
+        assert!(fullest < 100, "the fullest fine bucket holds {fullest} of 49152 tokens");
+        // Monotone in m - x at any scale, and the widest range keeps 256 per nat.
+        assert_eq!(fine_scale(40.0), FINE_PER_NAT);
+        for scale in [fine_scale(1e-35), fine_scale(1e-3), fine_scale(3.0), FINE_PER_NAT] {
+            let xs = [0.0f32, -1e-36, -1e-7, -1e-4, -0.5, -2.9, -3.0, -100.0, f32::MIN];
+            let b: Vec<usize> = xs.iter().map(|&x| fine_bucket(scale, 0.0, x)).collect();
+            assert!(b.windows(2).all(|w| w[0] <= w[1]), "scale {scale}: {b:?}");
         }
     }
 

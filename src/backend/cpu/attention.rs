@@ -104,6 +104,7 @@ fn visible(mask: AttnMask, p: usize, k_len: usize) -> (usize, usize) {
 }
 
 /// f32 dot product with 8 independent accumulators, so the compiler can vectorise it.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -118,10 +119,83 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `acc += alpha * x`.
+#[inline(always)]
 fn axpy(acc: &mut [f32], alpha: f32, x: &[f32]) {
     for (a, x) in acc.iter_mut().zip(x) {
         *a += alpha * x;
     }
+}
+
+/// One query row of the per-row forward: its heads, and the keys `lo..hi` of the sequence whose
+/// keys start at row `k_start` of k/v.
+struct QueryRow<'a> {
+    q: &'a [f32],
+    k_start: usize,
+    lo: usize,
+    hi: usize,
+}
+
+/// Per-task buffers of [`forward_row`]: (heads, keys) scores, (heads, head_dim) sums of values,
+/// and each head's softmax sum and max.
+struct RowScratch {
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+    sums: Vec<f64>,
+    maxes: Vec<f32>,
+}
+
+/// One query row, every head, key by key: a decode step reads the whole KV cache, evicted by the
+/// weight stream since the last step, so each key and value row (all kv heads) is read once, in
+/// order. Compiled for AVX2 when the CPU has it (8-wide mul and add, no FMA: the same results
+/// either way).
+#[allow(clippy::too_many_arguments)]
+fn forward_row(g: &Geometry, row: &QueryRow<'_>, k: &[f32], v: &[f32], scale: f32, out: &mut [f32], lse: &mut [f32], s: &mut RowScratch) {
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn body(g: &Geometry, row: &QueryRow<'_>, k: &[f32], v: &[f32], scale: f32, out: &mut [f32], lse: &mut [f32], s: &mut RowScratch) {
+        let (d, h, kw) = (g.head_dim, g.n_heads, row.hi - row.lo);
+        let kv_slice = |head: usize| (head / g.group) * d..(head / g.group + 1) * d;
+        // scores (heads, keys), filled key by key: each key row (every kv head) is one
+        // contiguous read, and the cache is streamed once in order.
+        let scores = &mut s.scores[..h * kw];
+        for (i, j) in (row.lo..row.hi).enumerate() {
+            let key = &k[(row.k_start + j) * g.kv_row..][..g.kv_row];
+            for head in 0..h {
+                scores[head * kw + i] = scale * dot(&row.q[head * d..][..d], &key[kv_slice(head)]);
+            }
+        }
+        for ((sc, max), sum) in scores.chunks_exact_mut(kw).zip(s.maxes.iter_mut()).zip(s.sums.iter_mut()) {
+            *max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            crate::fastexp::exp_shifted_f32(sc, *max);
+            *sum = sc.iter().map(|&e| f64::from(e)).sum();
+        }
+        let acc = &mut s.acc[..h * d];
+        acc.fill(0.0);
+        for (i, j) in (row.lo..row.hi).enumerate() {
+            let value = &v[(row.k_start + j) * g.kv_row..][..g.kv_row];
+            for (head, a) in acc.chunks_exact_mut(d).enumerate() {
+                axpy(a, scores[head * kw + i], &value[kv_slice(head)]);
+            }
+        }
+        for (head, a) in acc.chunks_exact(d).enumerate() {
+            let inv = (1.0 / s.sums[head]) as f32;
+            for (o, a) in out[head * d..(head + 1) * d].iter_mut().zip(a) {
+                *o = a * inv;
+            }
+            lse[head] = s.maxes[head] + s.sums[head].ln() as f32;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx2(g: &Geometry, row: &QueryRow<'_>, k: &[f32], v: &[f32], scale: f32, out: &mut [f32], lse: &mut [f32], s: &mut RowScratch) {
+            body(g, row, k, v, scale, out, lse, s)
+        }
+        // SAFETY: the CPU supports AVX2 (checked just above); the body is safe code.
+        return unsafe { avx2(g, row, k, v, scale, out, lse, s) };
+    }
+    body(g, row, k, v, scale, out, lse, s)
 }
 
 /// One (sequence, head, query block) of the blocked forward: out rows (rows, head_dim), lse (rows).
@@ -199,36 +273,14 @@ pub(super) fn forward(
     // A query row costs about k_len·q_row flops, so tasks are a few rows: ~8 tasks per thread.
     let rows = g.nq.div_ceil(8 * be.threads()).max(1);
     out.par_chunks_mut(rows * g.q_row).zip(lse.par_chunks_mut(rows * h)).enumerate().for_each(|(c, (out, lse))| {
-        let mut scores = vec![0.0f32; max_k];
-        let mut acc = vec![0.0f32; d];
+        let mut scratch = RowScratch { scores: vec![0.0f32; h * max_k], acc: vec![0.0f32; h * d], sums: vec![0.0; h], maxes: vec![0.0; h] };
         for (r, (out, lse)) in out.chunks_exact_mut(g.q_row).zip(lse.chunks_exact_mut(h)).enumerate() {
             let t = c * rows + r;
             let Some(seq) = seqs.get(g.owner[t]).filter(|s| s.q_len < BLOCKED_MIN_Q) else { continue };
             let p = seq.k_len - seq.q_len + (t - seq.q_start);
             let (lo, hi) = visible(shape.mask, p, seq.k_len);
-            let scores = &mut scores[..hi - lo];
-            for head in 0..h {
-                let qv = &q[t * g.q_row + head * d..][..d];
-                let kv_off = (head / g.group) * d;
-                let key = |j: usize| &k[(seq.k_start + j) * g.kv_row + kv_off..][..d];
-                let mut max = f32::NEG_INFINITY;
-                for (s, j) in scores.iter_mut().zip(lo..hi) {
-                    *s = scale * dot(qv, key(j));
-                    max = max.max(*s);
-                }
-                acc.fill(0.0);
-                crate::fastexp::exp_shifted_f32(scores, max);
-                let mut sum = 0.0f64;
-                for (&e, j) in scores.iter().zip(lo..hi) {
-                    sum += f64::from(e);
-                    axpy(&mut acc, e, &v[(seq.k_start + j) * g.kv_row + kv_off..][..d]);
-                }
-                let inv = (1.0 / sum) as f32;
-                for (o, a) in out[head * d..(head + 1) * d].iter_mut().zip(&acc) {
-                    *o = a * inv;
-                }
-                lse[head] = max + sum.ln() as f32;
-            }
+            let row = QueryRow { q: &q[t * g.q_row..][..g.q_row], k_start: seq.k_start, lo, hi };
+            forward_row(&g, &row, k, v, scale, out, lse, &mut scratch);
         }
     });
     // Long sequences: blocks through gemm, each a task, scattered into out/lse afterwards.
