@@ -304,6 +304,29 @@ fn matmul_ref(inp: &[f32], w: &[f32], ic: usize, oc: usize) -> Vec<f64> {
     out
 }
 
+/// Several products of one input in one call (Q/K/V, gate/up): each output bitwise what
+/// `matmul_forward` gives alone, for decode-sized inputs (one pass over every weight) and
+/// prefill-sized ones (a `gemm` each), with an empty product among them.
+#[test]
+fn matmul_forward_many() {
+    let be = backend();
+    let mut rng = Rng(14);
+    for (n, ic) in [(1usize, 40usize), (8, 576), (5, 1536), (16, 33), (17, 64), (70, 24)] {
+        let inp = rng.vec(n * ic, 1.0);
+        let dims = [96usize, 32, 0, 7, 160];
+        let weights: Vec<Vec<f32>> = dims.iter().map(|&oc| rng.vec(oc * ic, 1.0)).collect();
+        let mut outs: Vec<Vec<f32>> = dims.iter().map(|&oc| nan(n * oc)).collect();
+        let products = outs.iter_mut().zip(&weights).zip(dims).map(|((o, w), oc)| (&mut o[..], &w[..], oc)).collect();
+        be.matmul_forward_many(products, &inp, ic).expect("matmul_forward_many");
+        for ((got, w), oc) in outs.iter().zip(&weights).zip(dims) {
+            let mut alone = nan(n * oc);
+            be.matmul_forward(&mut alone, &inp, w, ic, oc).expect("matmul_forward");
+            assert_eq!(got.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), alone.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), "n {n} ic {ic} oc {oc}");
+            assert_close("matmul_forward_many", got, &matmul_ref(&inp, w, ic, oc), 1e-5, 1e-5);
+        }
+    }
+}
+
 #[test]
 fn matmul() {
     let be = backend();
@@ -364,6 +387,7 @@ fn matmul() {
     let mut out = nan(6);
     let inp = vec![1.0; 6];
     assert!(be.matmul_forward(&mut out, &inp, &[1.0; 6], 3, 3).is_err(), "weight != OC·IC");
+    assert!(be.matmul_forward_many(vec![(&mut out[..], &[1.0; 9][..], 3), (&mut [0.0; 6][..], &[1.0; 5][..], 3)], &inp, 3).is_err(), "second weight");
     assert!(be.matmul_forward(&mut out, &inp, &[1.0; 12], 4, 3).is_err(), "inp not a multiple of IC");
     assert!(be.matmul_forward(&mut out[..5], &inp, &[1.0; 9], 3, 3).is_err(), "out != N·OC");
     assert!(be.matmul_forward(&mut out, &inp, &[], 0, 3).is_err(), "zero IC");

@@ -173,6 +173,19 @@ pub trait Backend: Sized + Sync {
     // ---- matrix products (HF Linear layout) ----
     /// `out (N, OC) = inp (N, IC) · weightᵀ`, weight: (OC, IC). Overwrites `out`.
     fn matmul_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>, weight: Self::View<'_>, in_dim: usize, out_dim: usize) -> Result<()>;
+    /// Several products of one input, `out (N, OC) = inp (N, IC) · weightᵀ` for each (out,
+    /// weight, OC) of `products` (Q/K/V, gate/up), each output exactly as `matmul_forward` gives
+    /// it. Default: one `matmul_forward` each; the CPU backend runs a decode step's products as
+    /// one pass over their weights.
+    fn matmul_forward_many<'o, 'w, 'x>(&self, products: Vec<(Self::ViewMut<'o>, Self::View<'w>, usize)>, inp: Self::View<'x>, in_dim: usize) -> Result<()>
+    where
+        Self: 'o + 'w + 'x,
+    {
+        for (out, weight, out_dim) in products {
+            self.matmul_forward(out, inp, weight, in_dim, out_dim)?;
+        }
+        Ok(())
+    }
     /// `dinp (N, IC) (+)= dout (N, OC) · weight (OC, IC)`; `accumulate` false overwrites.
     fn matmul_backward_input(
         &self,

@@ -396,9 +396,8 @@ impl<B: Backend> Llama<B> {
 
         // attention block
         b.rmsnorm_forward(b.full_mut(&mut la.ln1), b.full_mut(&mut la.ln1_rstd), b.full(&la.resid_in), pv(&w.input_layernorm), c, cfg.rms_norm_eps)?;
-        b.matmul_forward(b.full_mut(&mut la.q), b.full(&la.ln1), pv(&w.q_proj), c, qd)?;
-        b.matmul_forward(b.full_mut(&mut la.k), b.full(&la.ln1), pv(&w.k_proj), c, kvd)?;
-        b.matmul_forward(b.full_mut(&mut la.v), b.full(&la.ln1), pv(&w.v_proj), c, kvd)?;
+        let qkv = vec![(b.full_mut(&mut la.q), pv(&w.q_proj), qd), (b.full_mut(&mut la.k), pv(&w.k_proj), kvd), (b.full_mut(&mut la.v), pv(&w.v_proj), kvd)];
+        b.matmul_forward_many(qkv, b.full(&la.ln1), c)?;
         let (cos, sin) = (b.full(&self.rope_cos), b.full(&self.rope_sin));
         b.rope_forward(b.full_mut(&mut la.q), cos, sin, &batch.positions, cfg.num_heads, cfg.head_dim)?;
         b.rope_forward(b.full_mut(&mut la.k), cos, sin, &batch.positions, cfg.num_kv_heads, cfg.head_dim)?;
@@ -424,8 +423,7 @@ impl<B: Backend> Llama<B> {
 
         // MLP block
         b.rmsnorm_forward(b.full_mut(&mut la.ln2), b.full_mut(&mut la.ln2_rstd), b.full(&la.resid_mid), pv(&w.post_attention_layernorm), c, cfg.rms_norm_eps)?;
-        b.matmul_forward(b.full_mut(&mut la.gate), b.full(&la.ln2), pv(&w.gate_proj), c, i)?;
-        b.matmul_forward(b.full_mut(&mut la.up), b.full(&la.ln2), pv(&w.up_proj), c, i)?;
+        b.matmul_forward_many(vec![(b.full_mut(&mut la.gate), pv(&w.gate_proj), i), (b.full_mut(&mut la.up), pv(&w.up_proj), i)], b.full(&la.ln2), c)?;
         b.swiglu_forward(b.full_mut(&mut la.act), b.full(&la.gate), b.full(&la.up))?;
         b.matmul_forward(b.full_mut(out), b.full(&la.act), pv(&w.down_proj), i, c)?;
         b.add_inplace(b.full_mut(out), b.full(&la.resid_mid))

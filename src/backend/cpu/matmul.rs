@@ -104,11 +104,20 @@ const SKINNY_MAX_ROWS: usize = 16;
 
 /// out (N, OC) = inp (N, IC) · weightᵀ, weight (OC, IC). Overwrites out.
 pub(super) fn forward(be: &CpuBackend, out: &mut [f32], inp: &[f32], weight: &[f32], in_dim: usize, out_dim: usize) -> Result<()> {
+    forward_many(be, vec![(out, weight, out_dim)], inp, in_dim)
+}
+
+/// Each `out (N, OC) = inp (N, IC) · weightᵀ` of `products` (out, weight, OC), overwriting the
+/// outs: for few rows one pass over every weight (`skinny::forward_many`), else a `gemm` each.
+pub(super) fn forward_many(be: &CpuBackend, products: Vec<(&mut [f32], &[f32], usize)>, inp: &[f32], in_dim: usize) -> Result<()> {
     let op = Op::new("matmul_forward", file!());
     let n = op.rows("inp", inp.len(), in_dim)?;
-    op.len("out", out.len(), op.mul(n, out_dim)?)?;
-    op.len("weight", weight.len(), op.mul(out_dim, in_dim)?)?;
-    let threads = match be.gemm_par(n, out_dim, in_dim) {
+    for (out, weight, out_dim) in &products {
+        op.len("out", out.len(), op.mul(n, *out_dim)?)?;
+        op.len("weight", weight.len(), op.mul(*out_dim, in_dim)?)?;
+    }
+    let total: usize = products.iter().map(|p| p.2).sum();
+    let threads = match be.gemm_par(n, total, in_dim) {
         gemm::Parallelism::Rayon(t) => t,
         _ => 1,
     };
@@ -117,27 +126,32 @@ pub(super) fn forward(be: &CpuBackend, out: &mut [f32], inp: &[f32], weight: &[f
     // on the f32 weight when the copy is exact, else on the rounded copy widened to f32, so that
     // every product of the generation sees the same values whatever the number of rows.
     let copy = be.decode_copy();
-    let widened: Vec<f32>;
-    let mut weight = weight;
-    if let Some(c) = copy.as_deref() {
-        if let Some(bits) = c.slice_for(weight) {
-            if n <= SKINNY_MAX_ROWS {
-                super::skinny::forward(out, inp, super::skinny::Weights::Bf16(bits), n, in_dim, out_dim, threads);
-                return Ok(());
-            }
-            if !c.exact {
-                widened = bits.iter().map(|&b| f32::from_bits(u32::from(b) << 16)).collect();
-                weight = &widened;
-            }
-        }
-    }
     if n <= SKINNY_MAX_ROWS {
-        super::skinny::forward(out, inp, super::skinny::Weights::F32(weight), n, in_dim, out_dim, threads);
+        let skinny = products
+            .into_iter()
+            .map(|(out, weight, out_dim)| {
+                let weight = match copy.as_deref().and_then(|c| c.slice_for(weight)) {
+                    Some(bits) => super::skinny::Weights::Bf16(bits),
+                    None => super::skinny::Weights::F32(weight),
+                };
+                super::skinny::Product { out, weight, out_dim }
+            })
+            .collect();
+        super::skinny::forward_many(skinny, inp, n, in_dim, threads);
         return Ok(());
     }
-    // weightᵀ as a (IC, OC) matrix: element (i, o) is weight[o * IC + i].
-    let wt = Mat { data: weight, rs: 1, cs: in_dim };
-    gemm(be, op, n, out_dim, in_dim, out, out_dim, 1, false, Mat { data: inp, rs: in_dim, cs: 1 }, wt)
+    for (out, weight, out_dim) in products {
+        let widened: Vec<f32>;
+        let mut weight = weight;
+        if let Some(bits) = copy.as_deref().filter(|c| !c.exact).and_then(|c| c.slice_for(weight)) {
+            widened = bits.iter().map(|&b| f32::from_bits(u32::from(b) << 16)).collect();
+            weight = &widened;
+        }
+        // weightᵀ as a (IC, OC) matrix: element (i, o) is weight[o * IC + i].
+        let wt = Mat { data: weight, rs: 1, cs: in_dim };
+        gemm(be, op, n, out_dim, in_dim, out, out_dim, 1, false, Mat { data: inp, rs: in_dim, cs: 1 }, wt)?;
+    }
+    Ok(())
 }
 
 /// dinp (N, IC) (+)= dout (N, OC) · weight (OC, IC).

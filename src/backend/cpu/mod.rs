@@ -296,6 +296,13 @@ impl Backend for CpuBackend {
         self.run(|| matmul::forward(self, out, inp, weight, in_dim, out_dim))
     }
 
+    fn matmul_forward_many<'o, 'w, 'x>(&self, products: Vec<(&'o mut [f32], &'w [f32], usize)>, inp: &'x [f32], in_dim: usize) -> Result<()>
+    where
+        Self: 'o + 'w + 'x,
+    {
+        self.run(|| matmul::forward_many(self, products, inp, in_dim))
+    }
+
     fn matmul_backward_input(
         &self,
         dinp: &mut [f32],

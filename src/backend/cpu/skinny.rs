@@ -52,8 +52,9 @@ const TASKS_PER_THREAD: usize = 4;
 /// Bytes of weight rows a task keeps hot in L2 while it runs every group of inputs over them.
 const L2_BLOCK_BYTES: usize = 192 << 10;
 
-/// Weight rows per task for `out_dim` rows of `row_bytes` over `threads` workers and `n` inputs
-/// in groups of `group`: with more than one group, few enough rows that they stay in L2 between groups.
+/// Weight rows per task for `out_dim` rows (every product of the pass) of `row_bytes` over
+/// `threads` workers and `n` inputs in groups of `group`: with more than one group, few enough
+/// rows that they stay in L2 between groups.
 fn rows_per_task(out_dim: usize, row_bytes: usize, threads: usize, n: usize, group: usize) -> usize {
     let mut rows = out_dim.div_ceil(threads.max(1) * TASKS_PER_THREAD);
     if n > group {
@@ -64,30 +65,62 @@ fn rows_per_task(out_dim: usize, row_bytes: usize, threads: usize, n: usize, gro
 
 /// out (n, OC) = inp (n, IC) · weightᵀ (weight (OC, IC)); shapes are checked by the caller.
 /// `threads` > 1 splits the weight rows over the current rayon pool.
-pub(super) fn forward(out: &mut [f32], inp: &[f32], weight: Weights<'_>, n: usize, in_dim: usize, out_dim: usize, threads: usize) {
-    debug_assert!(inp.len() == n * in_dim && weight.len() == out_dim * in_dim && out.len() == n * out_dim);
-    if n == 0 || out_dim == 0 {
+#[cfg(test)]
+fn forward(out: &mut [f32], inp: &[f32], weight: Weights<'_>, n: usize, in_dim: usize, out_dim: usize, threads: usize) {
+    forward_many(vec![Product { out, weight, out_dim }], inp, n, in_dim, threads)
+}
+
+/// One product of [`forward_many`]: out (n, out_dim) = inp · weightᵀ.
+pub(super) struct Product<'a> {
+    pub out: &'a mut [f32],
+    pub weight: Weights<'a>,
+    pub out_dim: usize,
+}
+
+/// Products of one input (n, IC) (a single one, or Q/K/V, or gate/up) as one pass: the input is
+/// packed once and the weight rows of every product are split into the tasks of one parallel
+/// region, so the weight stream does not stop between products. Shapes are checked by the
+/// caller; `threads` > 1 splits the tasks over the current rayon pool. Each output is the same
+/// whichever products share the pass.
+pub(super) fn forward_many(products: Vec<Product<'_>>, inp: &[f32], n: usize, in_dim: usize, threads: usize) {
+    debug_assert!(inp.len() == n * in_dim);
+    debug_assert!(products.iter().all(|p| p.weight.len() == p.out_dim * in_dim && p.out.len() == n * p.out_dim));
+    let total: usize = products.iter().map(|p| p.out_dim).sum();
+    if n == 0 || total == 0 {
         return;
     }
-    // The tasks write (weight row, input row) tiles: out transposed, (OC, n), then transposed back.
-    let mut out_t = vec![0.0f32; out_dim * n];
+    // The tasks write (weight row, input row) tiles: each out transposed, (OC, n), one after the
+    // other in one buffer, then transposed back.
+    let mut out_t = vec![0.0f32; total * n];
     let group = group_size(in_dim);
     let packed = pack(inp, n, in_dim, group);
-    let row_bytes = in_dim * if matches!(weight, Weights::F32(_)) { 4 } else { 2 };
-    let rows = rows_per_task(out_dim, row_bytes, threads, n, group);
-    let task = |(i, o): (usize, &mut [f32])| {
-        let first = i * rows;
-        tile(o, inp, &packed, weight.rows(first, first + o.len() / n, in_dim), n, in_dim)
-    };
-    if threads > 1 {
-        out_t.par_chunks_mut(rows * n).enumerate().for_each(task);
-    } else {
-        out_t.chunks_mut(rows * n).enumerate().for_each(task);
-    }
-    for (o, row) in out_t.chunks_exact(n).enumerate() {
-        for (r, &x) in row.iter().enumerate() {
-            out[r * out_dim + o] = x;
+    let mut tasks = Vec::new();
+    let mut rest = &mut out_t[..];
+    for p in &products {
+        let row_bytes = in_dim * if matches!(p.weight, Weights::F32(_)) { 4 } else { 2 };
+        let rows = rows_per_task(total, row_bytes, threads, n, group).min(p.out_dim).max(1);
+        let (mine, tail) = rest.split_at_mut(p.out_dim * n);
+        rest = tail;
+        for (i, o) in mine.chunks_mut(rows * n).enumerate() {
+            let first = i * rows;
+            let w = p.weight.rows(first, first + o.len() / n, in_dim);
+            tasks.push((o, w));
         }
+    }
+    let task = |(o, w): (&mut [f32], Weights<'_>)| tile(o, inp, &packed, w, n, in_dim);
+    if threads > 1 && tasks.len() > 1 {
+        tasks.into_par_iter().for_each(task);
+    } else {
+        tasks.into_iter().for_each(task);
+    }
+    let mut start = 0;
+    for p in products {
+        for (o, row) in out_t[start * n..(start + p.out_dim) * n].chunks_exact(n).enumerate() {
+            for (r, &x) in row.iter().enumerate() {
+                p.out[r * p.out_dim + o] = x;
+            }
+        }
+        start += p.out_dim;
     }
 }
 
