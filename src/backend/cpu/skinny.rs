@@ -4,18 +4,21 @@
 //! `gemm` packs the whole weight matrix on every call, so a decode-step product reads the weights
 //! about twice; for a few rows the product is bound by that traffic (a SmolLM2-135M decode step
 //! reads 540 MB of f32 weights), not by arithmetic. Here each 8-float piece of a weight row is
-//! loaded once and multiplied into up to 8 input rows (L1-resident), the weight read as one
-//! sequential stream prefetched a few rows ahead.
+//! loaded once and multiplied into a group of input rows (L1-resident), two weight rows at a time,
+//! the weight read as one sequential stream prefetched a few rows ahead.
 //!
 //! The weight is f32 or a bf16 copy ([`Weights`]): the CPU backend keeps a bf16 copy of the
 //! parameters while generating when that copy is exact (every value representable in bf16, as in
 //! a bf16 checkpoint) or when asked to round (`super::decode`); then every product of the
 //! generation comes here, prefill included, in tasks of weight rows that stay in L2 while each
-//! group of 8 inputs passes over them.
+//! group of inputs passes over them.
 //!
-//! Kernels: `rowwise_avx2` (x86-64 AVX2 + FMA, picked at run time) and `rowwise_portable` (any
-//! target). Both sum each dot product as 8 interleaved lanes then the lanes, so they differ from
-//! `gemm` (and from each other, FMA vs. separate rounding) only by f32 rounding.
+//! Kernels ([`Kernel`], picked at run time): the x86-64 one compiled for AVX-512VL (32 registers:
+//! groups of 8 inputs) and for AVX2 + FMA (16 registers: groups of 4), bitwise equal, and
+//! `rowwise_portable` (any target). All sum each dot product as 8 interleaved lanes then the
+//! lanes, so they differ from `gemm` (and the x86 ones from the portable one, FMA vs. separate
+//! rounding) only by f32 rounding. `cargo bench --bench cpu_decode` measures them against the
+//! machine's memory-read ceiling.
 
 use rayon::prelude::*;
 
@@ -92,7 +95,8 @@ pub(super) fn forward_many(products: Vec<Product<'_>>, inp: &[f32], n: usize, in
     // The tasks write (weight row, input row) tiles: each out transposed, (OC, n), one after the
     // other in one buffer, then transposed back.
     let mut out_t = vec![0.0f32; total * n];
-    let group = group_size(in_dim);
+    let kernel = kernel();
+    let group = group_size(in_dim, kernel);
     let packed = pack(inp, n, in_dim, group);
     let mut tasks = Vec::new();
     let mut rest = &mut out_t[..];
@@ -107,7 +111,7 @@ pub(super) fn forward_many(products: Vec<Product<'_>>, inp: &[f32], n: usize, in
             tasks.push((o, w));
         }
     }
-    let task = |(o, w): (&mut [f32], Weights<'_>)| tile(o, inp, &packed, w, n, in_dim);
+    let task = |(o, w): (&mut [f32], Weights<'_>)| tile(o, inp, &packed, w, n, in_dim, kernel);
     if threads > 1 && tasks.len() > 1 {
         tasks.into_par_iter().for_each(task);
     } else {
@@ -124,28 +128,51 @@ pub(super) fn forward_many(products: Vec<Product<'_>>, inp: &[f32], n: usize, in
     }
 }
 
-/// Input rows per group: one AVX accumulator each, 8 of the 16 registers.
-const GROUP: usize = 8;
-
-/// Bytes of packed inputs a group may keep in L1 (32 KiB here, shared with the weight stream).
-const L1_INPUT_BYTES: usize = 20 << 10;
-
-/// Input rows per group for rows of `in_dim`: 8, or 4 when 8 packed rows would not stay in L1
-/// (the down projection: 8 × 1536 floats = 48 KiB; read from L2 at every step, the kernel ran at
-/// half speed). The second group then reads the task's weight rows from L2 (`rows_per_task`).
-/// Each dot product is summed in the same order whatever the group size.
-fn group_size(in_dim: usize) -> usize {
-    if GROUP * in_dim * 4 <= L1_INPUT_BYTES {
-        GROUP
-    } else {
-        GROUP / 2
-    }
+/// The kernel for this CPU, picked at run time. Both x86 kernels compute every dot product in the
+/// same order (8 lanes, FMA, then the lanes), so they give the same bits; they differ in how many
+/// accumulators fit in the vector registers.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kernel {
+    /// AVX-512VL: 32 vector registers (used at 256 bits), 2 weight rows × 8 inputs of accumulators.
+    Avx512,
+    /// AVX2 + FMA: 16 registers, 2 weight rows × 4 inputs.
+    Avx2,
+    /// Any target: [`rowwise_portable`].
+    Portable,
 }
 
-/// The inputs for the AVX2 kernel: rows in groups of `group` (8, or 4 for wide rows: [`group_size`]), each group interleaved by 8-float
-/// piece, (IC/8, G, 8), so that the G loads of a step sit at constant offsets from one pointer
-/// (addressed as `x + g * in_dim + k`, the compiler chains one add per row and serialises the
-/// loop). Group j starts at `j * group * body`; the tails past `body` are read from `inp`.
+fn kernel() -> Kernel {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") {
+            return if has!("avx512f") && has!("avx512vl") { Kernel::Avx512 } else { Kernel::Avx2 };
+        }
+    }
+    Kernel::Portable
+}
+
+/// Bytes of packed inputs a group may keep in L1 (32 KiB here, shared with the weight stream).
+const L1_INPUT_BYTES: usize = 24 << 10;
+
+/// Input rows per group for rows of `in_dim`: as many as the kernel has accumulators for (8 or
+/// 4), halved while the packed group would not stay in L1 (the down projection: 8 × 1536 floats
+/// = 48 KiB; read from L2 at every step, the kernel ran at half speed). The next group then
+/// reads the task's weight rows from L2 (`rows_per_task`). Each dot product is summed in the same
+/// order whatever the group size.
+fn group_size(in_dim: usize, kernel: Kernel) -> usize {
+    let mut group = if kernel == Kernel::Avx512 { 8 } else { 4 };
+    while group > 1 && group * in_dim * 4 > L1_INPUT_BYTES {
+        group /= 2;
+    }
+    group
+}
+
+/// The inputs for the x86 kernels: rows in groups of `group` ([`group_size`]), each group
+/// interleaved by 8-float piece, (IC/8, G, 8), so that the G loads of a step sit at constant
+/// offsets from one pointer (addressed as `x + g * in_dim + k`, the compiler chains one add per
+/// row and serialises the loop). Group j starts at `j * group * body`; the tails past `body` are
+/// read from `inp`.
 fn pack(inp: &[f32], n: usize, in_dim: usize, group: usize) -> Vec<f32> {
     let body = in_dim - in_dim % LANES;
     let mut packed = vec![0.0f32; n * body];
@@ -161,21 +188,27 @@ fn pack(inp: &[f32], n: usize, in_dim: usize, group: usize) -> Vec<f32> {
     packed
 }
 
-/// out_t (W, n) = weight (W, IC) · inpᵀ for a block of W weight rows (`packed`: `pack(inp)`).
-fn tile(out_t: &mut [f32], inp: &[f32], packed: &[f32], weight: Weights<'_>, n: usize, in_dim: usize) {
+/// out_t (W, n) = weight (W, IC) · inpᵀ for a block of W weight rows (`packed`: `pack(inp)` in
+/// groups of `group_size(in_dim, kernel)`).
+#[allow(clippy::too_many_arguments)]
+fn tile(out_t: &mut [f32], inp: &[f32], packed: &[f32], weight: Weights<'_>, n: usize, in_dim: usize, kernel: Kernel) {
+    let group = group_size(in_dim, kernel);
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-        return unsafe { rowwise_avx2(out_t, inp, packed, weight, n, in_dim) };
+    match kernel {
+        // SAFETY: `kernel()` found AVX-512F/VL, AVX2 and FMA.
+        Kernel::Avx512 => return unsafe { avx512::rowwise(out_t, inp, packed, weight, n, in_dim, group) },
+        // SAFETY: `kernel()` found AVX2 and FMA.
+        Kernel::Avx2 => return unsafe { avx2::rowwise(out_t, inp, packed, weight, n, in_dim, group) },
+        Kernel::Portable => {}
     }
-    let _ = packed;
+    let _ = (packed, group);
     rowwise_portable(out_t, inp, weight, n, in_dim)
 }
 
 /// Lanes of the interleaved dot products (one AVX register of f32).
 const LANES: usize = 8;
 
-/// The portable kernel: each dot product kept as 8 lane sums, as `rowwise_avx2` does.
+/// The portable kernel: each dot product kept as 8 lane sums, as the x86 kernels do.
 pub(super) fn rowwise_portable(out_t: &mut [f32], inp: &[f32], weight: Weights<'_>, n: usize, in_dim: usize) {
     let body = in_dim - in_dim % LANES;
     let mut w = vec![0.0f32; in_dim];
@@ -201,21 +234,7 @@ pub(super) fn rowwise_portable(out_t: &mut [f32], inp: &[f32], weight: Weights<'
     }
 }
 
-/// AVX2 + FMA kernel: input rows in groups of up to 8 (one accumulator each), every 8-float
-/// piece of a weight row loaded (and widened, for bf16) once per group.
-///
-/// # Safety
-/// The CPU must support AVX2 and FMA. Slices must hold (W, IC), (n, IC) and (W, n) elements.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rowwise_avx2(out_t: &mut [f32], inp: &[f32], packed: &[f32], weight: Weights<'_>, n: usize, in_dim: usize) {
-    match weight {
-        Weights::F32(w) => rowwise_avx2_typed(out_t, inp, packed, w, n, in_dim),
-        Weights::Bf16(w) => rowwise_avx2_typed(out_t, inp, packed, w, n, in_dim),
-    }
-}
-
-/// A weight element type the AVX2 kernel reads: 8 consecutive elements as 8 f32 lanes.
+/// A weight element type the x86 kernels read: 8 consecutive elements as 8 f32 lanes.
 #[cfg(target_arch = "x86_64")]
 trait WeightElem: Copy {
     /// Elements per 64-byte cache line.
@@ -253,89 +272,152 @@ impl WeightElem for u16 {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn rowwise_avx2_typed<W: WeightElem>(out_t: &mut [f32], inp: &[f32], packed: &[f32], weight: &[W], n: usize, in_dim: usize) {
-    let rows_w = out_t.len() / n.max(1);
-    let body = in_dim - in_dim % LANES;
-    assert!(weight.len() >= rows_w * in_dim && inp.len() >= n * in_dim && out_t.len() == rows_w * n && packed.len() == n * body);
-    let mut r = 0;
-    while r < n {
-        let g = (n - r).min(group_size(in_dim));
-        let x = &inp[r * in_dim..(r + g) * in_dim];
-        let p = &packed[r * body..(r + g) * body];
-        let o = &mut *out_t;
-        match g {
-            8 => rowwise_group::<8, W>(o, x, p, weight, n, r, in_dim, rows_w),
-            7 => rowwise_group::<7, W>(o, x, p, weight, n, r, in_dim, rows_w),
-            6 => rowwise_group::<6, W>(o, x, p, weight, n, r, in_dim, rows_w),
-            5 => rowwise_group::<5, W>(o, x, p, weight, n, r, in_dim, rows_w),
-            4 => rowwise_group::<4, W>(o, x, p, weight, n, r, in_dim, rows_w),
-            3 => rowwise_group::<3, W>(o, x, p, weight, n, r, in_dim, rows_w),
-            2 => rowwise_group::<2, W>(o, x, p, weight, n, r, in_dim, rows_w),
-            _ => rowwise_group::<1, W>(o, x, p, weight, n, r, in_dim, rows_w),
-        }
-        r += g;
-    }
-}
-
-/// Weight rows ahead of the current one that the kernel prefetches into L2: the stream must be
+/// Weight rows ahead of the current one that the kernels prefetch into L2: the stream must be
 /// requested early, the hardware prefetcher alone leaves the cores waiting on memory.
 const PREFETCH_ROWS: usize = 4;
 
-/// out_t[o, r0 + g] for the G input rows `x` (G, IC) and every weight row o.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rowwise_group<const G: usize, W: WeightElem>(
-    out_t: &mut [f32],
-    x: &[f32],
-    packed: &[f32],
-    weight: &[W],
-    n: usize,
-    r0: usize,
-    in_dim: usize,
-    rows_w: usize,
-) {
-    use std::arch::x86_64::*;
-    let body = in_dim - in_dim % LANES;
-    assert!(x.len() == G * in_dim && packed.len() == G * body && weight.len() >= rows_w * in_dim && out_t.len() >= rows_w * n && r0 + G <= n);
-    let xp = packed.as_ptr();
-    let mut sums = [0.0f32; G];
-    for o in 0..rows_w {
-        let row = weight.as_ptr().add(o * in_dim);
-        // Prefetches never fault, so addresses past the slice (last rows) are harmless;
-        // `wrapping_add` keeps the pointer arithmetic defined.
-        let ahead = row.wrapping_add(PREFETCH_ROWS * in_dim);
-        let mut acc = [_mm256_setzero_ps(); G];
-        let mut k = 0;
-        while k < body {
-            if k % W::PER_LINE == 0 {
-                _mm_prefetch::<_MM_HINT_T1>(ahead.wrapping_add(k) as *const i8);
+/// The x86 kernel, compiled once per target feature set (`$features`): the same code, where
+/// AVX-512VL lets the compiler keep 16 accumulators and the loaded pieces in registers.
+macro_rules! x86_kernel {
+    ($module:ident, $features:literal, $max_group:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $module {
+            use super::{Weights, WeightElem, LANES, PREFETCH_ROWS};
+            use std::arch::x86_64::*;
+
+            /// Input rows in groups of `group` (the packing's, at most
+            #[doc = stringify!($max_group)]
+            /// ), each group over every weight row, rows in pairs.
+            ///
+            /// # Safety
+            /// The CPU must support
+            #[doc = $features]
+            /// Slices must hold (W, IC), (n, IC) and (W, n) elements; `packed` is `pack(inp)`.
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            pub(super) unsafe fn rowwise(out_t: &mut [f32], inp: &[f32], packed: &[f32], weight: Weights<'_>, n: usize, in_dim: usize, group: usize) {
+                match weight {
+                    Weights::F32(w) => typed(out_t, inp, packed, w, n, in_dim, group),
+                    Weights::Bf16(w) => typed(out_t, inp, packed, w, n, in_dim, group),
+                }
             }
-            // SAFETY (loads): k + 8 <= body <= in_dim, rows inside the asserted lengths.
-            let wv = W::load8(row.add(k));
-            let xk = xp.add(k * G);
-            for (g, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xk.add(g * LANES)), *a);
+
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn typed<W: WeightElem>(out_t: &mut [f32], inp: &[f32], packed: &[f32], weight: &[W], n: usize, in_dim: usize, group: usize) {
+                let rows_w = out_t.len() / n.max(1);
+                let body = in_dim - in_dim % LANES;
+                assert!(weight.len() >= rows_w * in_dim && inp.len() >= n * in_dim && out_t.len() == rows_w * n && packed.len() == n * body);
+                assert!((1..=$max_group).contains(&group), "group {group}");
+                let mut r = 0;
+                while r < n {
+                    let g = (n - r).min(group);
+                    let x = &inp[r * in_dim..(r + g) * in_dim];
+                    let p = &packed[r * body..(r + g) * body];
+                    let o = &mut *out_t;
+                    match g {
+                        8 => rows::<8, W>(o, x, p, weight, n, r, in_dim, rows_w),
+                        7 => rows::<7, W>(o, x, p, weight, n, r, in_dim, rows_w),
+                        6 => rows::<6, W>(o, x, p, weight, n, r, in_dim, rows_w),
+                        5 => rows::<5, W>(o, x, p, weight, n, r, in_dim, rows_w),
+                        4 => rows::<4, W>(o, x, p, weight, n, r, in_dim, rows_w),
+                        3 => rows::<3, W>(o, x, p, weight, n, r, in_dim, rows_w),
+                        2 => rows::<2, W>(o, x, p, weight, n, r, in_dim, rows_w),
+                        _ => rows::<1, W>(o, x, p, weight, n, r, in_dim, rows_w),
+                    }
+                    r += g;
+                }
             }
-            k += LANES;
-        }
-        for (g, a) in acc.iter().enumerate() {
-            let mut lanes = [0.0f32; LANES];
-            _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
-            sums[g] = lanes.iter().sum::<f32>();
-        }
-        if body < in_dim {
-            let w_tail = &weight[o * in_dim + body..(o + 1) * in_dim];
-            for (g, sum) in sums.iter_mut().enumerate() {
-                let x_tail = &x[g * in_dim + body..(g + 1) * in_dim];
-                *sum += w_tail.iter().zip(x_tail).map(|(a, b)| a.to_f32() * b).sum::<f32>();
+
+            /// out_t[o, r0 + g] for the G input rows `x` (G, IC) and every weight row o: weight
+            /// rows in pairs, so that each input piece loaded feeds two FMAs (at one load per
+            /// FMA the loads bound the kernel), then the odd last row alone.
+            #[target_feature(enable = $features)]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn rows<const G: usize, W: WeightElem>(
+                out_t: &mut [f32],
+                x: &[f32],
+                packed: &[f32],
+                weight: &[W],
+                n: usize,
+                r0: usize,
+                in_dim: usize,
+                rows_w: usize,
+            ) {
+                let body = in_dim - in_dim % LANES;
+                assert!(x.len() == G * in_dim && packed.len() == G * body && weight.len() >= rows_w * in_dim && out_t.len() >= rows_w * n && r0 + G <= n);
+                let mut o = 0;
+                while o + 2 <= rows_w {
+                    block::<G, 2, W>(out_t, x, packed, weight, n, r0, in_dim, o);
+                    o += 2;
+                }
+                if o < rows_w {
+                    block::<G, 1, W>(out_t, x, packed, weight, n, r0, in_dim, o);
+                }
+            }
+
+            /// out_t[o0 + r, r0 + g] for r < R, g < G (bounds asserted by `rows`).
+            #[target_feature(enable = $features)]
+            #[inline]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn block<const G: usize, const R: usize, W: WeightElem>(
+                out_t: &mut [f32],
+                x: &[f32],
+                packed: &[f32],
+                weight: &[W],
+                n: usize,
+                r0: usize,
+                in_dim: usize,
+                o0: usize,
+            ) {
+                let body = in_dim - in_dim % LANES;
+                let xp = packed.as_ptr();
+                let rows: [*const W; R] = std::array::from_fn(|r| weight.as_ptr().add((o0 + r) * in_dim));
+                let mut acc = [[_mm256_setzero_ps(); G]; R];
+                let mut k = 0;
+                while k < body {
+                    if k % W::PER_LINE == 0 {
+                        for row in rows {
+                            // Prefetches never fault, so addresses past the slice (last rows)
+                            // are harmless; `wrapping_add` keeps the arithmetic defined.
+                            _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(PREFETCH_ROWS * in_dim + k) as *const i8);
+                        }
+                    }
+                    // SAFETY (loads): k + 8 <= body <= in_dim, rows inside the asserted lengths.
+                    let wv: [__m256; R] = std::array::from_fn(|r| W::load8(rows[r].add(k)));
+                    let xk = xp.add(k * G);
+                    for g in 0..G {
+                        let xv = _mm256_loadu_ps(xk.add(g * LANES));
+                        for r in 0..R {
+                            acc[r][g] = _mm256_fmadd_ps(wv[r], xv, acc[r][g]);
+                        }
+                    }
+                    k += LANES;
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let o = o0 + r;
+                    let mut sums = [0.0f32; G];
+                    for (g, a) in acc.iter().enumerate() {
+                        let mut lanes = [0.0f32; LANES];
+                        _mm256_storeu_ps(lanes.as_mut_ptr(), *a);
+                        sums[g] = lanes.iter().sum::<f32>();
+                    }
+                    if body < in_dim {
+                        let w_tail = &weight[o * in_dim + body..(o + 1) * in_dim];
+                        for (g, sum) in sums.iter_mut().enumerate() {
+                            let x_tail = &x[g * in_dim + body..(g + 1) * in_dim];
+                            *sum += w_tail.iter().zip(x_tail).map(|(a, b)| a.to_f32() * b).sum::<f32>();
+                        }
+                    }
+                    out_t[o * n + r0..o * n + r0 + G].copy_from_slice(&sums);
+                }
             }
         }
-        out_t[o * n + r0..o * n + r0 + G].copy_from_slice(&sums);
-    }
+    };
 }
+
+x86_kernel!(avx512, "avx2,fma,avx512f,avx512vl", 8);
+x86_kernel!(avx2, "avx2,fma", 4);
 
 #[cfg(test)]
 mod tests {
@@ -356,7 +438,46 @@ mod tests {
         out
     }
 
-    /// Every kernel and remainder path (rows of W mod 4, n mod 2, IC mod 8) against the f64 product.
+    /// out (n, OC) by one kernel, single-threaded.
+    fn product_with(kernel: Kernel, inp: &[f32], w: Weights<'_>, n: usize, ic: usize, oc: usize) -> Vec<f32> {
+        let packed = pack(inp, n, ic, group_size(ic, kernel));
+        let mut out_t = vec![f32::NAN; oc * n];
+        tile(&mut out_t, inp, &packed, w, n, ic, kernel);
+        (0..n * oc).map(|i| out_t[(i % oc) * n + i / oc]).collect()
+    }
+
+    /// The kernels this CPU can run.
+    fn kernels() -> Vec<Kernel> {
+        match kernel() {
+            Kernel::Avx512 => vec![Kernel::Avx512, Kernel::Avx2, Kernel::Portable],
+            Kernel::Avx2 => vec![Kernel::Avx2, Kernel::Portable],
+            Kernel::Portable => vec![Kernel::Portable],
+        }
+    }
+
+    /// The x86 kernels give the same bits (the same sums in the same order), whatever their group
+    /// size, through every remainder path: odd weight rows (pairs), n not a multiple of the
+    /// group, IC not a multiple of 8, f32 and bf16 weights.
+    #[test]
+    fn x86_kernels_agree_bitwise() {
+        let x86: Vec<Kernel> = kernels().into_iter().filter(|&k| k != Kernel::Portable).collect();
+        if x86.len() < 2 {
+            eprintln!("skipped: this CPU runs only {x86:?} (no second x86 kernel to compare)");
+            return;
+        }
+        for &(n, ic, oc) in &[(1, 8, 3), (3, 17, 7), (8, 576, 33), (13, 100, 9), (5, 1536, 5), (11, 1000, 4)] {
+            let inp = data(n * ic, 3);
+            let w = data(oc * ic, 4);
+            let bits: Vec<u16> = w.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
+            for weights in [Weights::F32(&w), Weights::Bf16(&bits)] {
+                let a = product_with(x86[0], &inp, weights, n, ic, oc);
+                let b = product_with(x86[1], &inp, weights, n, ic, oc);
+                assert_eq!(a, b, "{:?} vs {:?}: n {n} ic {ic} oc {oc}", x86[0], x86[1]);
+            }
+        }
+    }
+
+    /// Every kernel and remainder path (rows of W mod 2, n mod the group, IC mod 8) against the f64 product.
     #[test]
     fn kernels_match_reference() {
         for &(n, ic, oc) in &[(1, 8, 4), (2, 3, 1), (3, 17, 7), (5, 64, 70), (8, 576, 133), (16, 100, 129), (7, 1, 5)] {
@@ -373,10 +494,9 @@ mod tests {
                 forward(&mut out, &inp, Weights::F32(&w), n, ic, oc, threads);
                 check("forward", &out);
             }
-            let mut out_t = vec![f32::NAN; oc * n];
-            rowwise_portable(&mut out_t, &inp, Weights::F32(&w), n, ic);
-            let portable: Vec<f32> = (0..n * oc).map(|i| out_t[(i % oc) * n + i / oc]).collect();
-            check("rowwise_portable", &portable);
+            for kernel in kernels() {
+                check(&format!("{kernel:?}"), &product_with(kernel, &inp, Weights::F32(&w), n, ic, oc));
+            }
             // A bf16 copy of bf16-exact weights gives the same products as the f32 weights.
             let w_exact: Vec<f32> = w.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
             let w_bits: Vec<u16> = w_exact.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect();
@@ -392,12 +512,15 @@ mod tests {
         }
     }
 
-    /// Wide rows go in groups of 4 (packed inputs kept in L1), narrow ones in groups of 8; each
-    /// dot product is summed in the same order either way, so the group size never changes a bit.
+    /// Wide rows go in smaller groups (packed inputs kept in L1); each dot product is summed in the
+    /// same order whatever the group, so the group size never changes a bit.
     #[test]
     fn group_size_never_changes_results() {
-        assert_eq!(group_size(576), 8);
-        assert_eq!(group_size(1536), 4);
+        assert_eq!(group_size(576, Kernel::Avx512), 8);
+        assert_eq!(group_size(1536, Kernel::Avx512), 4);
+        assert_eq!(group_size(576, Kernel::Avx2), 4);
+        assert_eq!(group_size(1536, Kernel::Avx2), 4);
+        assert_eq!(group_size(4096, Kernel::Avx2), 1);
         for &(n, ic, oc) in &[(8, 1536, 40), (13, 1000, 17), (3, 1536, 5)] {
             let w = data(oc * ic, 5);
             let inp = data(n * ic, 6);
