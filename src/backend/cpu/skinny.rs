@@ -93,11 +93,15 @@ pub(super) fn forward_many(products: Vec<Product<'_>>, inp: &[f32], n: usize, in
         return;
     }
     // The tasks write (weight row, input row) tiles: each out transposed, (OC, n), one after the
-    // other in one buffer, then transposed back.
-    let mut out_t = vec![0.0f32; total * n];
+    // other in one buffer, then transposed back. Both buffers are the thread's, reused: a decode
+    // step makes ~150 passes (the LM head's buffer alone is 1.5 MB at batch 8). `take` leaves an
+    // empty buffer, so a pass nested in another on the same thread simply allocates its own.
+    let (mut out_t, mut packed) = (OUT_T.take(), PACKED.take());
+    out_t.clear();
+    out_t.resize(total * n, 0.0);
     let kernel = kernel();
     let group = group_size(in_dim, kernel);
-    let packed = pack(inp, n, in_dim, group);
+    pack(&mut packed, inp, n, in_dim, group);
     let mut tasks = Vec::new();
     let mut rest = &mut out_t[..];
     for p in &products {
@@ -126,6 +130,14 @@ pub(super) fn forward_many(products: Vec<Product<'_>>, inp: &[f32], n: usize, in
         }
         start += p.out_dim;
     }
+    OUT_T.set(out_t);
+    PACKED.set(packed);
+}
+
+thread_local! {
+    /// [`forward_many`]'s buffers, kept between passes.
+    static OUT_T: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    static PACKED: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// The kernel for this CPU, picked at run time. Both x86 kernels compute every dot product in the
@@ -173,9 +185,10 @@ fn group_size(in_dim: usize, kernel: Kernel) -> usize {
 /// offsets from one pointer (addressed as `x + g * in_dim + k`, the compiler chains one add per
 /// row and serialises the loop). Group j starts at `j * group * body`; the tails past `body` are
 /// read from `inp`.
-fn pack(inp: &[f32], n: usize, in_dim: usize, group: usize) -> Vec<f32> {
+fn pack(packed: &mut Vec<f32>, inp: &[f32], n: usize, in_dim: usize, group: usize) {
     let body = in_dim - in_dim % LANES;
-    let mut packed = vec![0.0f32; n * body];
+    packed.clear();
+    packed.resize(n * body, 0.0);
     for (j, rows) in inp.chunks(group * in_dim).enumerate() {
         let g_n = rows.len() / in_dim;
         let dst = &mut packed[j * group * body..];
@@ -185,7 +198,6 @@ fn pack(inp: &[f32], n: usize, in_dim: usize, group: usize) -> Vec<f32> {
             }
         }
     }
-    packed
 }
 
 /// out_t (W, n) = weight (W, IC) · inpᵀ for a block of W weight rows (`packed`: `pack(inp)` in
@@ -440,7 +452,8 @@ mod tests {
 
     /// out (n, OC) by one kernel, single-threaded.
     fn product_with(kernel: Kernel, inp: &[f32], w: Weights<'_>, n: usize, ic: usize, oc: usize) -> Vec<f32> {
-        let packed = pack(inp, n, ic, group_size(ic, kernel));
+        let mut packed = Vec::new();
+        pack(&mut packed, inp, n, ic, group_size(ic, kernel));
         let mut out_t = vec![f32::NAN; oc * n];
         tile(&mut out_t, inp, &packed, w, n, ic, kernel);
         (0..n * oc).map(|i| out_t[(i % oc) * n + i / oc]).collect()
