@@ -8,7 +8,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn sppo(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_sppo")).args(args).env("SPPO_THREADS", "1").output().expect("running sppo");
+    sppo_with(args, &[])
+}
+
+/// `sppo args` with extra environment variables.
+fn sppo_with(args: &[&str], envs: &[(&str, &str)]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_sppo")).args(args).env("SPPO_THREADS", "1").envs(envs.iter().copied()).output().expect("running sppo");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!stderr.contains("panicked"), "sppo {args:?} panicked:\n{stderr}");
     (out.status.success(), stderr)
@@ -298,6 +303,15 @@ fn device_and_kernel_choice() {
         println!("device_and_kernel_choice: a GPU is present; the no-GPU error path is not exercised here");
     }
     expect_error(&["logprobs", "--device", "auto", "--kernel", "attention=flash", "--model", m, "--data", d], &["flash", "naive, fused"]);
+    // The CPU's decode-product kernel by name: an unknown name is an error listing the choices;
+    // the portable one runs anywhere and agrees with the default to f32 rounding.
+    let (ok, stderr) = sppo_with(&["logprobs", "--device", "cpu", "--model", m, "--data", d], &[("SPPO_CPU_SKINNY", "avx3")]);
+    assert!(!ok && stderr.contains("SPPO_CPU_SKINNY") && stderr.contains("avx512, avx2, portable"), "{stderr}");
+    let out_portable = tmp.path().join("portable.jsonl");
+    let (ok, stderr) = sppo_with(&["logprobs", "--device", "cpu", "--model", m, "--data", d, "--out", out_portable.to_str().unwrap()], &[("SPPO_CPU_SKINNY", "portable")]);
+    assert!(ok, "{stderr}");
+    let sum = |p: &Path| serde_json::from_str::<serde_json::Value>(std::fs::read_to_string(p).unwrap().trim()).unwrap()["sum_logprob"].as_f64().unwrap();
+    assert!((sum(&out_portable) - sum(&out_cpu)).abs() < 1e-4, "{} vs {}", sum(&out_portable), sum(&out_cpu));
     // --precision: bf16 is for cuda; the CPU computes in f32 (an error when asked for explicitly).
     expect_error(&["logprobs", "--device", "cpu", "--precision", "bf16", "--model", m, "--data", d], &["--precision bf16", "f32 only"]);
     expect_error(&["logprobs", "--precision", "fp8", "--model", m, "--data", d], &["fp8"]);

@@ -137,7 +137,7 @@ pub(super) fn forward_many(be: &CpuBackend, products: Vec<(&mut [f32], &[f32], u
                 super::skinny::Product { out, weight, out_dim }
             })
             .collect();
-        super::skinny::forward_many(skinny, inp, n, in_dim, threads);
+        super::skinny::forward_many(skinny, inp, n, in_dim, threads, super::skinny::chosen_kernel()?);
         return Ok(());
     }
     for (out, weight, out_dim) in products {

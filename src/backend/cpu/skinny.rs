@@ -70,7 +70,7 @@ fn rows_per_task(out_dim: usize, row_bytes: usize, threads: usize, n: usize, gro
 /// `threads` > 1 splits the weight rows over the current rayon pool.
 #[cfg(test)]
 fn forward(out: &mut [f32], inp: &[f32], weight: Weights<'_>, n: usize, in_dim: usize, out_dim: usize, threads: usize) {
-    forward_many(vec![Product { out, weight, out_dim }], inp, n, in_dim, threads)
+    forward_many(vec![Product { out, weight, out_dim }], inp, n, in_dim, threads, kernel())
 }
 
 /// One product of [`forward_many`]: out (n, out_dim) = inp · weightᵀ.
@@ -85,7 +85,7 @@ pub(super) struct Product<'a> {
 /// region, so the weight stream does not stop between products. Shapes are checked by the
 /// caller; `threads` > 1 splits the tasks over the current rayon pool. Each output is the same
 /// whichever products share the pass.
-pub(super) fn forward_many(products: Vec<Product<'_>>, inp: &[f32], n: usize, in_dim: usize, threads: usize) {
+pub(super) fn forward_many(products: Vec<Product<'_>>, inp: &[f32], n: usize, in_dim: usize, threads: usize, kernel: Kernel) {
     debug_assert!(inp.len() == n * in_dim);
     debug_assert!(products.iter().all(|p| p.weight.len() == p.out_dim * in_dim && p.out.len() == n * p.out_dim));
     let total: usize = products.iter().map(|p| p.out_dim).sum();
@@ -99,7 +99,6 @@ pub(super) fn forward_many(products: Vec<Product<'_>>, inp: &[f32], n: usize, in
     let (mut out_t, mut packed) = (OUT_T.take(), PACKED.take());
     out_t.clear();
     out_t.resize(total * n, 0.0);
-    let kernel = kernel();
     let group = group_size(in_dim, kernel);
     pack(&mut packed, inp, n, in_dim, group);
     let mut tasks = Vec::new();
@@ -144,7 +143,7 @@ thread_local! {
 /// same order (8 lanes, FMA, then the lanes), so they give the same bits; they differ in how many
 /// accumulators fit in the vector registers.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Kernel {
+pub(super) enum Kernel {
     /// AVX-512VL: 32 vector registers (used at 256 bits), 2 weight rows × 8 inputs of accumulators.
     Avx512,
     /// AVX2 + FMA: 16 registers, 2 weight rows × 4 inputs.
@@ -153,6 +152,7 @@ enum Kernel {
     Portable,
 }
 
+/// The fastest kernel this CPU runs.
 fn kernel() -> Kernel {
     #[cfg(target_arch = "x86_64")]
     {
@@ -162,6 +162,35 @@ fn kernel() -> Kernel {
         }
     }
     Kernel::Portable
+}
+
+/// The environment variable that picks the kernel by name (experiments and benchmarks, e.g. the
+/// AVX2 kernel on an AVX-512 machine): `avx512`, `avx2` or `portable`; unset: [`kernel`].
+pub const KERNEL_ENV: &str = "SPPO_CPU_SKINNY";
+
+/// The kernel to run: [`KERNEL_ENV`]'s, checked against this CPU, else [`kernel`]. Read once.
+pub(super) fn chosen_kernel() -> anyhow::Result<Kernel> {
+    static CHOICE: std::sync::OnceLock<Result<Kernel, String>> = std::sync::OnceLock::new();
+    let choice = CHOICE.get_or_init(|| {
+        let Ok(name) = std::env::var(KERNEL_ENV) else { return Ok(kernel()) };
+        let wanted = match name.trim() {
+            "avx512" => Kernel::Avx512,
+            "avx2" => Kernel::Avx2,
+            "portable" => Kernel::Portable,
+            other => return Err(format!("{KERNEL_ENV}={other:?} is not a skinny kernel (avx512, avx2, portable)")),
+        };
+        let supported = match kernel() {
+            Kernel::Avx512 => true,
+            Kernel::Avx2 => wanted != Kernel::Avx512,
+            Kernel::Portable => wanted == Kernel::Portable,
+        };
+        if supported {
+            Ok(wanted)
+        } else {
+            Err(format!("{KERNEL_ENV}={name}: this CPU runs at most the {:?} kernel", kernel()))
+        }
+    });
+    choice.clone().map_err(anyhow::Error::msg)
 }
 
 /// Bytes of packed inputs a group may keep in L1 (32 KiB here, shared with the weight stream).
