@@ -4,7 +4,7 @@
 //! `gemm` packs the whole weight matrix on every call, so a decode-step product reads the weights
 //! about twice; for a few rows the product is bound by that traffic (a SmolLM2-135M decode step
 //! reads 540 MB of f32 weights), not by arithmetic. Here each 8-float piece of a weight row is
-//! loaded once and multiplied into a group of input rows (L1-resident), two weight rows at a time,
+//! loaded once and multiplied into a group of input rows (L1-resident), a few weight rows at a time,
 //! the weight read as one sequential stream prefetched a few rows ahead.
 //!
 //! The weight is f32 or a bf16 copy ([`Weights`]): the CPU backend keeps a bf16 copy of the
