@@ -21,8 +21,11 @@ const VOCAB: usize = 49152;
 const ROWS: usize = 8;
 const STEPS: usize = 20;
 
-/// (offset, out_dim, in_dim) of every weight in the flat buffer, layer by layer, then the LM head.
-fn layout() -> (Vec<[(usize, usize, usize); 7]>, (usize, usize, usize), usize) {
+/// A weight in the flat buffer: (offset, out_dim, in_dim).
+type Weight = (usize, usize, usize);
+
+/// Every layer's 7 weights, the LM head, and the total length of the flat buffer.
+fn layout() -> (Vec<[Weight; 7]>, Weight, usize) {
     let mut at = 0;
     let mut take = |o: usize, i: usize| {
         let w = (at, o, i);
@@ -39,7 +42,7 @@ fn layout() -> (Vec<[(usize, usize, usize); 7]>, (usize, usize, usize), usize) {
 /// Seconds per decode step's products: (median, best) of STEPS.
 fn step_time(b: &CpuBackend, flat: &[f32]) -> (f64, f64) {
     let (layers, head, _) = layout();
-    let w = |(at, o, i): (usize, usize, usize)| &flat[at..at + o * i];
+    let w = |(at, o, i): Weight| &flat[at..at + o * i];
     let x: Vec<f32> = (0..ROWS * INTER).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
     let (mut q, mut k, mut v, mut o) = (vec![0.0; ROWS * HIDDEN], vec![0.0; ROWS * KV], vec![0.0; ROWS * KV], vec![0.0; ROWS * HIDDEN]);
     let (mut gate, mut up, mut down, mut logits) = (vec![0.0; ROWS * INTER], vec![0.0; ROWS * INTER], vec![0.0; ROWS * HIDDEN], vec![0.0; ROWS * VOCAB]);

@@ -101,7 +101,7 @@ fn main() -> anyhow::Result<()> {
         (format!("forward {BATCH}x{SEQ} (tokens/s)"), (n as f64) / fwd),
         (format!("forward+backward {BATCH}x{SEQ} (tokens/s)"), (n as f64) / fwdbwd),
         (format!("sampling batch {GEN_BATCH}, {GEN_NEW} new (tokens/s)"), (GEN_BATCH * GEN_NEW) as f64 / gen),
-        (format!("sampling, bf16 weights (tokens/s)"), (GEN_BATCH * GEN_NEW) as f64 / gen_bf16),
+        ("sampling, bf16 weights (tokens/s)".to_string(), (GEN_BATCH * GEN_NEW) as f64 / gen_bf16),
     ];
     let torch = if only.is_some() { None } else { torch_figures() };
     println!("\nSmolLM2-135M architecture, random weights, f32, {} threads", rayon::current_num_threads());

@@ -107,7 +107,7 @@ impl SamplingParams {
             "SamplingParams: temperature must be finite and >= 0 (0 = greedy), got {temperature}"
         );
         ensure!(top_p > 0.0 && top_p <= 1.0, "SamplingParams: top_p must be in (0, 1] (1 = off), got {top_p}");
-        ensure!(min_p >= 0.0 && min_p < 1.0, "SamplingParams: min_p must be in [0, 1) (0 = off), got {min_p}");
+        ensure!((0.0..1.0).contains(&min_p), "SamplingParams: min_p must be in [0, 1) (0 = off), got {min_p}");
         Ok(())
     }
 }
@@ -371,8 +371,9 @@ fn prepare(logits: &[f32], params: &SamplingParams, scratch: &mut SamplerScratch
 }
 
 /// NaN and +inf logits are errors (step 0). One branch-free pass; the index only on failure.
+// `!(l < inf)` is true exactly for NaN and +inf: the negation is the point.
+#[allow(clippy::neg_cmp_op_on_partial_ord)]
 fn check_logits(logits: &[f32]) -> Result<()> {
-    // `!(l < inf)` is true exactly for NaN and +inf.
     let bad = logits.iter().fold(false, |bad, &l| bad | !(l < f32::INFINITY));
     if bad {
         if let Some((i, l)) = logits.iter().enumerate().find(|(_, l)| !(**l < f32::INFINITY)) {

@@ -10,7 +10,7 @@ use sppo::generate::{generate, GenOptions, GenRequest};
 use sppo::model::weights::read_all_f32;
 use sppo::model::{Activations, Batch, Llama};
 use sppo::sampling::SamplingParams;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn cases() -> Vec<PathBuf> {
     let dir = repo_root().join("tests/fixtures/hf");
@@ -31,7 +31,7 @@ struct Case {
     seqs: Vec<(Vec<u32>, usize)>,
 }
 
-fn load_case(dir: &PathBuf) -> Case {
+fn load_case(dir: &Path) -> Case {
     let meta: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["format_version"], 1, "{}: unknown fixture format", dir.display());
     let refs = read_all_f32(&dir.join("reference.safetensors")).unwrap();

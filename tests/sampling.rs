@@ -406,7 +406,7 @@ fn lm_like_logits(vocab: usize, seed: u64) -> Vec<f32> {
             let u1 = (f64::from(w[0]) + 1.0) / 4294967297.0;
             let u2 = f64::from(w[1]) / 4294967296.0;
             let g = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
-            (2.5 * g + if w[2] % 4096 == 0 { 8.0 } else { 0.0 }) as f32
+            (2.5 * g + if w[2].is_multiple_of(4096) { 8.0 } else { 0.0 }) as f32
         })
         .collect()
 }

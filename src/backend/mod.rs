@@ -159,6 +159,7 @@ pub trait Backend: Sized + Sync {
         eps: f32,
     ) -> Result<()>;
     /// `dinp += ∂L/∂inp`, `dweight += ∂L/∂weight` given dout: (N, C).
+    #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(
         &self,
         dinp: Self::ViewMut<'_>,
@@ -251,6 +252,7 @@ pub trait Backend: Sized + Sync {
     /// and lse[t] = logsumexp of that row's logits; masked rows get logp = 0, lse = 0.
     /// hidden: (N, C), weight: (V, C). Implementations work in chunks of rows so the full
     /// (N, V) logits are never materialised.
+    #[allow(clippy::too_many_arguments)]
     fn token_logprobs_forward(
         &self,
         logp: Self::ViewMut<'_>,

@@ -329,8 +329,11 @@ pub fn save_flat(dir: &Path, layout: &ParamLayout, flat: &[f32], dtype: SaveDtyp
     crate::io::write_atomic(&dir.join("model.safetensors"), &bytes)
 }
 
+/// Tensors by name: (shape, values as f32).
+pub type TensorsF32 = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
 /// Loads every tensor of a safetensors file as f32 (fixtures, tests).
-pub fn read_all_f32(path: &Path) -> Result<BTreeMap<String, (Vec<usize>, Vec<f32>)>> {
+pub fn read_all_f32(path: &Path) -> Result<TensorsF32> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
     let mut out = BTreeMap::new();

@@ -54,7 +54,7 @@ impl Bf16Copy {
             }
             ok
         });
-        exact.then(|| Bf16Copy { base: params.as_ptr() as usize, bits, exact: true })
+        exact.then_some(Bf16Copy { base: params.as_ptr() as usize, bits, exact: true })
     }
 
     /// The copy of `weight` when it lies inside the registered buffer.

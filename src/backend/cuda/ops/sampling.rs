@@ -81,7 +81,7 @@ pub fn plan_sampling(params: &SamplingParams, vocab: usize, logits_len: usize, u
     if let Some((r, u)) = uniforms.iter().enumerate().find(|(_, u)| !(0.0..1.0).contains(*u)) {
         return Err(err(format!("uniform of row {r} is {u}, must be in [0, 1)")));
     }
-    if threads == 0 || threads % 32 != 0 || threads > 1024 {
+    if threads == 0 || !threads.is_multiple_of(32) || threads > 1024 {
         return Err(err(format!("{threads} threads per block (a multiple of 32, at most 1024)")));
     }
     let too_big = |what: &str, v: usize| err(format!("{what} = {v} does not fit the kernel's int"));
@@ -117,6 +117,7 @@ pub fn finish_rows(tokens: &[i32], status: &[i32], plan: &SamplingPlan) -> anyho
 }
 
 /// Draws one token per row (see the module doc).
+#[allow(clippy::too_many_arguments)]
 pub fn sample_rows(
     dev: &CudaDevice,
     variant: SamplingVariant,
