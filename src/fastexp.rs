@@ -22,6 +22,8 @@ macro_rules! with_avx2 {
         $body
     }};
 }
+/// Also for other element-wise loops that want AVX2 codegen with unchanged results (attention).
+pub(crate) use with_avx2;
 
 /// Bound on |exp_fast(d) / f64::exp(d) - 1| for -700 <= d <= 0: both are within a few ulp (2^-52)
 /// of exp; 1e-13 leaves a margin of about 100x (the test measures it). The sampler's fast path

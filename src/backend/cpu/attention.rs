@@ -185,17 +185,7 @@ fn forward_row(g: &Geometry, row: &QueryRow<'_>, k: &[f32], v: &[f32], scale: f3
             lse[head] = s.maxes[head] + s.sums[head].ln() as f32;
         }
     }
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        #[target_feature(enable = "avx2")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx2(g: &Geometry, row: &QueryRow<'_>, k: &[f32], v: &[f32], scale: f32, out: &mut [f32], lse: &mut [f32], s: &mut RowScratch) {
-            body(g, row, k, v, scale, out, lse, s)
-        }
-        // SAFETY: the CPU supports AVX2 (checked just above); the body is safe code.
-        return unsafe { avx2(g, row, k, v, scale, out, lse, s) };
-    }
-    body(g, row, k, v, scale, out, lse, s)
+    crate::fastexp::with_avx2!(body(g, row, k, v, scale, out, lse, s))
 }
 
 /// One (sequence, head, query block) of the blocked forward: out rows (rows, head_dim), lse (rows).

@@ -114,7 +114,7 @@ pub(super) fn forward_many(products: Vec<Product<'_>>, inp: &[f32], n: usize, in
             tasks.push((o, w));
         }
     }
-    let task = |(o, w): (&mut [f32], Weights<'_>)| tile(o, inp, &packed, w, n, in_dim, kernel);
+    let task = |(o, w): (&mut [f32], Weights<'_>)| tile(o, inp, &packed, w, n, in_dim, kernel, group);
     if threads > 1 && tasks.len() > 1 {
         tasks.into_par_iter().for_each(task);
     } else {
@@ -230,10 +230,9 @@ fn pack(packed: &mut Vec<f32>, inp: &[f32], n: usize, in_dim: usize, group: usiz
 }
 
 /// out_t (W, n) = weight (W, IC) · inpᵀ for a block of W weight rows (`packed`: `pack(inp)` in
-/// groups of `group_size(in_dim, kernel)`).
+/// groups of `group`, which is `group_size(in_dim, kernel)`).
 #[allow(clippy::too_many_arguments)]
-fn tile(out_t: &mut [f32], inp: &[f32], packed: &[f32], weight: Weights<'_>, n: usize, in_dim: usize, kernel: Kernel) {
-    let group = group_size(in_dim, kernel);
+fn tile(out_t: &mut [f32], inp: &[f32], packed: &[f32], weight: Weights<'_>, n: usize, in_dim: usize, kernel: Kernel, group: usize) {
     #[cfg(target_arch = "x86_64")]
     match kernel {
         // SAFETY: `kernel()` found AVX-512F/VL, AVX2 and FMA.
@@ -484,10 +483,11 @@ mod tests {
 
     /// out (n, OC) by one kernel, single-threaded.
     fn product_with(kernel: Kernel, inp: &[f32], w: Weights<'_>, n: usize, ic: usize, oc: usize) -> Vec<f32> {
+        let group = group_size(ic, kernel);
         let mut packed = Vec::new();
-        pack(&mut packed, inp, n, ic, group_size(ic, kernel));
+        pack(&mut packed, inp, n, ic, group);
         let mut out_t = vec![f32::NAN; oc * n];
-        tile(&mut out_t, inp, &packed, w, n, ic, kernel);
+        tile(&mut out_t, inp, &packed, w, n, ic, kernel, group);
         (0..n * oc).map(|i| out_t[(i % oc) * n + i / oc]).collect()
     }
 
