@@ -8,62 +8,49 @@
 //!
 //! `cargo bench --bench cpu_decode` (`SPPO_BENCH_THREADS=N` to choose the pool's size)
 
+mod common;
+
+use rayon::prelude::*;
 use sppo::backend::cpu::CpuBackend;
 use sppo::backend::Backend;
-use rayon::prelude::*;
+use sppo::config::ModelConfig;
+use sppo::model::weights::ParamLayout;
+use std::ops::Range;
 use std::time::Instant;
 
-const HIDDEN: usize = 576;
-const INTER: usize = 1536;
-const KV: usize = 192;
-const LAYERS: usize = 30;
-const VOCAB: usize = 49152;
 const ROWS: usize = 8;
 const STEPS: usize = 20;
 
-/// A weight in the flat buffer: (offset, out_dim, in_dim).
-type Weight = (usize, usize, usize);
-
-/// Every layer's 7 weights, the LM head, and the total length of the flat buffer.
-fn layout() -> (Vec<[Weight; 7]>, Weight, usize) {
-    let mut at = 0;
-    let mut take = |o: usize, i: usize| {
-        let w = (at, o, i);
-        at += o * i;
-        w
-    };
-    let layers = (0..LAYERS)
-        .map(|_| [take(HIDDEN, HIDDEN), take(KV, HIDDEN), take(KV, HIDDEN), take(HIDDEN, HIDDEN), take(INTER, HIDDEN), take(INTER, HIDDEN), take(HIDDEN, INTER)])
-        .collect();
-    let head = take(VOCAB, HIDDEN);
-    (layers, head, at)
-}
-
-/// Seconds per decode step's products: (median, best) of STEPS.
-fn step_time(b: &CpuBackend, flat: &[f32]) -> (f64, f64) {
-    let (layers, head, _) = layout();
-    let w = |(at, o, i): Weight| &flat[at..at + o * i];
-    let x: Vec<f32> = (0..ROWS * INTER).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
-    let (mut q, mut k, mut v, mut o) = (vec![0.0; ROWS * HIDDEN], vec![0.0; ROWS * KV], vec![0.0; ROWS * KV], vec![0.0; ROWS * HIDDEN]);
-    let (mut gate, mut up, mut down, mut logits) = (vec![0.0; ROWS * INTER], vec![0.0; ROWS * INTER], vec![0.0; ROWS * HIDDEN], vec![0.0; ROWS * VOCAB]);
+/// Seconds per decode step's products, (median, best) of STEPS, and the weights they read, over
+/// the model's own parameter layout in `flat`.
+fn step_time(b: &CpuBackend, cfg: &ModelConfig, flat: &[f32]) -> ((f64, f64), usize) {
+    let ranges = ParamLayout::llama(cfg).decoder_ranges(cfg);
+    let head = ranges.lm_head.clone().unwrap_or(ranges.embed_tokens.clone());
+    let w = |r: &Range<usize>| &flat[r.clone()];
+    let (c, i, qd, kvd, vocab) = (cfg.hidden_size, cfg.intermediate_size, cfg.q_dim(), cfg.kv_dim(), cfg.vocab_size);
+    let x: Vec<f32> = (0..ROWS * c.max(qd).max(i)).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+    let (mut q, mut k, mut v, mut o) = (vec![0.0; ROWS * qd], vec![0.0; ROWS * kvd], vec![0.0; ROWS * kvd], vec![0.0; ROWS * c]);
+    let (mut gate, mut up, mut down, mut logits) = (vec![0.0; ROWS * i], vec![0.0; ROWS * i], vec![0.0; ROWS * c], vec![0.0; ROWS * vocab]);
     let mut times = Vec::new();
     b.enter(|| {
         for _ in 0..STEPS + 1 {
             let t = Instant::now();
-            for l in &layers {
-                let xin = &x[..ROWS * HIDDEN];
-                b.matmul_forward_many(vec![(&mut q[..], w(l[0]), HIDDEN), (&mut k[..], w(l[1]), KV), (&mut v[..], w(l[2]), KV)], xin, HIDDEN).expect("qkv");
-                b.matmul_forward(&mut o, xin, w(l[3]), HIDDEN, HIDDEN).expect("o");
-                b.matmul_forward_many(vec![(&mut gate[..], w(l[4]), INTER), (&mut up[..], w(l[5]), INTER)], xin, HIDDEN).expect("gate/up");
-                b.matmul_forward(&mut down, &x, w(l[6]), INTER, HIDDEN).expect("down");
+            for l in &ranges.layers {
+                let qkv = vec![(&mut q[..], w(&l.q_proj), qd), (&mut k[..], w(&l.k_proj), kvd), (&mut v[..], w(&l.v_proj), kvd)];
+                b.matmul_forward_many(qkv, &x[..ROWS * c], c).expect("qkv");
+                b.matmul_forward(&mut o, &x[..ROWS * qd], w(&l.o_proj), qd, c).expect("o");
+                b.matmul_forward_many(vec![(&mut gate[..], w(&l.gate_proj), i), (&mut up[..], w(&l.up_proj), i)], &x[..ROWS * c], c).expect("gate/up");
+                b.matmul_forward(&mut down, &x[..ROWS * i], w(&l.down_proj), i, c).expect("down");
             }
-            b.matmul_forward(&mut logits, &x[..ROWS * HIDDEN], w(head), HIDDEN, VOCAB).expect("lm head");
+            b.matmul_forward(&mut logits, &x[..ROWS * c], w(&head), c, vocab).expect("lm head");
             times.push(t.elapsed().as_secs_f64());
         }
     });
     times.remove(0); // warm-up
     times.sort_by(f64::total_cmp);
-    (times[times.len() / 2], times[0])
+    let layer = |l: &sppo::model::weights::LayerRanges| [&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj, &l.gate_proj, &l.up_proj, &l.down_proj].iter().map(|r| r.len()).sum::<usize>();
+    let weights = ranges.layers.iter().map(layer).sum::<usize>() + head.len();
+    ((times[times.len() / 2], times[0]), weights)
 }
 
 /// Bytes per second of a parallel f32 sum over 1 GiB (the median of 5), on the backend's pool.
@@ -98,18 +85,18 @@ fn main() -> anyhow::Result<()> {
     // SPPO_BENCH_THREADS=1 measures one core (the kernel's own rate, without the shared bus).
     let threads = std::env::var("SPPO_BENCH_THREADS").ok().map(|t| t.parse()).transpose()?;
     let b = CpuBackend::new(threads)?;
-    let (_, _, total) = layout();
-    let mut s = 1u32;
-    let flat: Vec<f32> = (0..total)
+    let cfg = ModelConfig::from_json_str(common::SMOLLM2)?;
+    let mut state = 1u32;
+    let flat: Vec<f32> = (0..ParamLayout::llama(&cfg).total)
         .map(|_| {
-            s = s.wrapping_mul(1664525).wrapping_add(1013904223);
-            (s >> 9) as f32 / (1u32 << 23) as f32 * 0.04 - 0.02
+            state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+            (state >> 9) as f32 / (1u32 << 23) as f32 * 0.04 - 0.02
         })
         .collect();
     let ceiling = read_ceiling(&b);
-    let f32_step = step_time(&b, &flat);
+    let (f32_step, total) = step_time(&b, &cfg, &flat);
     b.begin_decode(&flat, true)?;
-    let bf16_step = step_time(&b, &flat);
+    let (bf16_step, _) = step_time(&b, &cfg, &flat);
     b.end_decode();
     let ceiling_again = read_ceiling(&b);
 

@@ -5,6 +5,9 @@
 //! `cargo bench --bench cpu_model` (PyTorch side: `.venv/bin/python scripts/bench_pytorch.py`,
 //! run automatically when `.venv` exists; set SPPO_BENCH_NO_TORCH=1 to skip it).
 
+mod common;
+
+use common::SMOLLM2;
 use sppo::backend::cpu::CpuBackend;
 use sppo::config::ModelConfig;
 use sppo::generate::{generate, DecodeWeights, GenOptions, GenRequest};
@@ -12,9 +15,6 @@ use sppo::model::{weights::ParamLayout, Activations, Batch, Llama};
 use sppo::sampling::SamplingParams;
 use std::time::Instant;
 
-const SMOLLM2: &str = r#"{"architectures":["LlamaForCausalLM"],"vocab_size":49152,"hidden_size":576,
- "intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,"num_key_value_heads":3,
- "rms_norm_eps":1e-5,"rope_theta":100000,"max_position_embeddings":8192,"tie_word_embeddings":true}"#;
 
 const BATCH: usize = 4;
 const SEQ: usize = 256;
