@@ -146,3 +146,59 @@ fn decode_weights_copy_is_exact_or_rounded_consistently() {
         assert_eq!(after, plain, "n {n}: the copy outlived end_decode");
     }
 }
+
+/// Generation runs the KV-cache path (prefill, then one row per step), scoring runs the full
+/// forward that the transformers fixtures check. On every fixture model (the Mistral one with a
+/// sliding window of 5, crossed by prompt and response), each greedy token is the argmax of the
+/// full forward's logits at its position (a near-tie within rounding excepted), and the logits of
+/// every cached step equal the full forward's.
+#[test]
+fn cached_decoding_follows_the_full_forward() {
+    use sppo::backend::AttnSeq;
+    use sppo::model::{Activations, Batch};
+    let cases = ["llama_gqa", "llama_mqa_tied", "llama3_rope_headdim_bf16", "llama_v5_layout_sharded", "mistral_sliding_f16", "mistral_v5_layout"];
+    for case in cases {
+        let b = CpuBackend::new(Some(2)).unwrap();
+        let mut m = model(&b, case);
+        let vocab = m.cfg.vocab_size;
+        let prompts: Vec<Vec<u32>> = [1usize, 4, 9].iter().map(|&n| (0..n as u32).map(|i| (13 * i + 5 * n as u32 + 3) % (vocab as u32 - 1) + 1).collect()).collect();
+        let reqs: Vec<GenRequest> = prompts.iter().enumerate().map(|(i, p)| GenRequest { prompt_id: format!("p{i}"), sample_index: 0, prompt_ids: p.clone() }).collect();
+        let mut o = opts(2, SamplingParams::greedy());
+        o.max_new_tokens = 14;
+        let out = generate(&b, &mut m, &reqs, &o, |_| {}).unwrap();
+
+        for (prompt, gen) in prompts.iter().zip(&out) {
+            assert_eq!(gen.tokens.len(), o.max_new_tokens, "{case}: no EOS is set, so every response runs to the limit");
+            let seq: Vec<u32> = prompt.iter().chain(&gen.tokens).copied().collect();
+            let batch = Batch::from_sequences([(seq.as_slice(), prompt.len())]).unwrap();
+            let mut acts = Activations::new(&b, &m.cfg, seq.len(), false).unwrap();
+            m.forward(&b, &batch, &mut acts).unwrap();
+            let full = m.logits(&b, &acts).unwrap();
+            let row = |t: usize| &full[t * vocab..(t + 1) * vocab];
+
+            // Greedy tokens against the full forward.
+            for (g, &tok) in gen.tokens.iter().enumerate() {
+                let r = row(prompt.len() + g - 1);
+                let best = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                assert!(r[tok as usize] >= best - 1e-4, "{case}: token {g} ({tok}) is not the full forward's argmax ({} vs {best})", r[tok as usize]);
+            }
+
+            // The cached path step by step: the prompt in one prefill, then one token per step.
+            m.ensure_positions(&b, seq.len()).unwrap();
+            let mut cache = m.alloc_kv_cache(&b, seq.len()).unwrap();
+            let mut done = 0;
+            for end in std::iter::once(prompt.len()).chain(prompt.len() + 1..=seq.len() - 1) {
+                let tokens = &seq[done..end];
+                let positions: Vec<u32> = (done as u32..end as u32).collect();
+                let seqs = [AttnSeq { q_start: 0, q_len: end - done, k_start: 0, k_len: end }];
+                let logits = m.forward_cached(&b, tokens, &positions, &mut cache, &positions, &seqs, &[(end - done - 1) as u32]).unwrap();
+                let want = row(end - 1);
+                let scale = want.iter().fold(1f32, |a, x| a.max(x.abs()));
+                for (v, (x, y)) in logits.iter().zip(want).enumerate() {
+                    assert!((x - y).abs() <= 1e-4 * scale, "{case}: cached logit {v} at position {} is {x}, the full forward's {y}", end - 1);
+                }
+                done = end;
+            }
+        }
+    }
+}
