@@ -5,10 +5,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sppo::backend::cpu::CpuBackend;
 use sppo::backend::Backend;
 use sppo::chat::Message;
-use sppo::generate::{generate_records, GenOptions};
+use sppo::generate::{generate_records, DecodeWeights, GenOptions};
 use sppo::logprobs::{output_line, parse_example, score, TextCodec};
 use sppo::model::Llama;
 use sppo::prompts::{load_prompts_limit, PromptRecord};
+use sppo::run::memory::Job;
 use sppo::sampling::SamplingParams;
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -342,16 +343,31 @@ fn progress_bar(len: u64, what: &str) -> indicatif::ProgressBar {
 }
 
 fn cmd_generate<B: Backend>(b: &B, a: GenerateArgs) -> Result<()> {
-    let mut model = Llama::load(b, &a.model)?;
-    let codec = TextCodec::from_model_dir(&a.model, model.cfg.vocab_size)?
-        .with_context(|| format!("{}: generation needs tokenizer.json", a.model.display()))?;
     let records: Vec<PromptRecord> = match (&a.prompt, &a.prompts) {
         (Some(p), None) => vec![PromptRecord { id: "0".into(), messages: vec![Message { role: "user".into(), content: p.clone() }], reference: None }],
-        (None, Some(path)) => {
-            load_prompts_limit(path, a.limit)?
-        }
+        (None, Some(path)) => load_prompts_limit(path, a.limit)?,
         _ => bail!("give --prompt TEXT or --prompts FILE"),
     };
+    let cfg = sppo::config::ModelConfig::from_model_dir(&a.model)?;
+    let codec = TextCodec::from_model_dir(&a.model, cfg.vocab_size)?.with_context(|| format!("{}: generation needs tokenizer.json", a.model.display()))?;
+    // The memory check before the weights load needs the prompts' lengths (tokenized again by
+    // generate_records: cheap beside generating).
+    let mut lengths = Vec::with_capacity(records.len());
+    for r in &records {
+        lengths.push(sppo::chat::encode_chat(&codec.tokenizer, &codec.template, &r.messages, true).map_err(|e| e.context(format!("prompt {}", r.id)))?.len());
+    }
+    // The CPU keeps a bf16 copy of the weights while generating: on request, or (auto) when the
+    // checkpoint is bf16 so the copy is exact.
+    let decode_copy = b.device_memory()?.is_none() && (a.decode_weights == DecodeWeights::Bf16 || (a.decode_weights == DecodeWeights::Auto && cfg.stored_dtype == "bfloat16"));
+    let job = Job::Generation {
+        batch: a.batch_size.min(records.len() * a.num_samples as usize).max(1),
+        longest_prompt: lengths.iter().copied().max().unwrap_or(0),
+        prompt_tokens: lengths.iter().sum::<usize>() * a.num_samples as usize,
+        new_tokens: a.max_new_tokens,
+        decode_copy,
+    };
+    sppo::run::check_memory_job(b, &a.model, job)?;
+    let mut model = Llama::load(b, &a.model)?;
     let sampling = SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, min_p: a.min_p };
     let opts = GenOptions {
         sampling,
@@ -360,7 +376,7 @@ fn cmd_generate<B: Backend>(b: &B, a: GenerateArgs) -> Result<()> {
         seed: a.seed,
         iteration: 0,
         batch_size: a.batch_size,
-        max_prefill_tokens: 4096,
+        max_prefill_tokens: sppo::run::memory::PACKED_TOKENS,
         weights: a.decode_weights,
     };
     let pb = progress_bar((records.len() * a.num_samples as usize * a.max_new_tokens) as u64, "tokens");
@@ -393,6 +409,7 @@ fn cmd_generate<B: Backend>(b: &B, a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_logprobs<B: Backend>(b: &B, a: LogprobsArgs) -> Result<()> {
+    sppo::run::check_memory_job(b, &a.model, Job::Scoring { tokens: a.batch_tokens })?;
     let mut model = Llama::load(b, &a.model)?;
     let codec = TextCodec::from_model_dir(&a.model, model.cfg.vocab_size)?;
     let f = std::fs::File::open(&a.data).with_context(|| format!("{}: cannot open", a.data.display()))?;

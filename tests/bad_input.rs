@@ -354,3 +354,52 @@ fn train_cli_writes_checkpoint_and_metrics() {
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2, "{metrics}");
 }
+
+/// `generate` and `logprobs` on a machine too small (SPPO_MEMORY_AVAILABLE stands in for one):
+/// refused before the weights load, naming the figures and the flag to lower.
+#[test]
+fn not_enough_memory_for_generate_or_logprobs() {
+    use sppo::backend::Precision;
+    use sppo::config::ModelConfig;
+    use sppo::run::memory::{job_bytes, Job, Storage};
+    let tmp = tempfile::tempdir().unwrap();
+    let model = model_copy(tmp.path());
+    let m = model.to_str().unwrap();
+    let data = tmp.path().join("ids.jsonl");
+    write(&data, "{\"prompt_ids\": [1, 2, 3], \"response_ids\": [4, 5]}\n");
+    let d = data.to_str().unwrap();
+    let cfg = ModelConfig::from_model_dir(&model).unwrap();
+    let (params, total) = job_bytes(&cfg, Job::Scoring { tokens: 4096 }, &Storage::of(Precision::F32));
+    assert!(params < total);
+    let bytes = |n: u64| n.to_string();
+
+    let (ok, err) = sppo_with(&["logprobs", "--model", m, "--data", d], &[("SPPO_MEMORY_AVAILABLE", &bytes(params - 1))]);
+    assert!(!ok && err.contains("not enough memory") && err.contains("the parameters alone do not fit") && err.contains(m), "{err}");
+    let (ok, err) = sppo_with(&["logprobs", "--model", m, "--data", d], &[("SPPO_MEMORY_AVAILABLE", &bytes(params + 1))]);
+    assert!(!ok && err.contains("scoring needs about") && err.contains("lower `--batch-tokens` (now 4096)"), "{err}");
+    // A smaller packed batch fits: the same model scores.
+    let (_, small) = job_bytes(&cfg, Job::Scoring { tokens: 16 }, &Storage::of(Precision::F32));
+    let (ok, err) = sppo_with(&["logprobs", "--model", m, "--data", d, "--batch-tokens", "16"], &[("SPPO_MEMORY_AVAILABLE", &bytes(small))]);
+    assert!(ok, "{err}");
+
+    // generate: a bf16 SmolLM2-vocabulary model with the SmolLM2 tokenizer; `auto` keeps a bf16
+    // copy of its weights on the CPU, so the advice names `--decode-weights f32` too.
+    let gen = tmp.path().join("gen");
+    std::fs::create_dir_all(&gen).unwrap();
+    for dir in ["tests/fixtures/reward/smollm2_judge/model", "tests/fixtures/chat/smollm2"] {
+        for e in std::fs::read_dir(repo_root().join(dir)).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), gen.join(e.file_name())).unwrap();
+        }
+    }
+    let g = gen.to_str().unwrap();
+    let gcfg = ModelConfig::from_model_dir(&gen).unwrap();
+    let (gparams, _) = job_bytes(&gcfg, Job::Scoring { tokens: 1 }, &Storage::of(Precision::F32));
+    let args = ["generate", "--model", g, "--prompt", "hi", "--max-new-tokens", "8", "--temperature", "0"];
+    let (ok, err) = sppo_with(&args, &[("SPPO_MEMORY_AVAILABLE", "1K")]);
+    assert!(!ok && err.contains("generation needs about") && err.contains("the parameters alone do not fit"), "{err}");
+    let (ok, err) = sppo_with(&args, &[("SPPO_MEMORY_AVAILABLE", &bytes(gparams + 1000))]);
+    assert!(!ok && err.contains("lower `--batch-size` (now 1) or `--max-new-tokens` (now 8)") && err.contains("--decode-weights f32"), "{err}");
+    let (ok, err) = sppo_with(&args, &[("SPPO_MEMORY_AVAILABLE", "1G")]);
+    assert!(ok, "{err}");
+}

@@ -305,6 +305,64 @@ fn refuse(plan: &Plan, e: Estimate, s: &Storage, gpu: bool, available: u64, sour
     .into())
 }
 
+/// What `sppo generate` and `sppo logprobs` hold besides the parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Job {
+    /// `batch` sequences at once in the KV cache, each with room for the longest prompt plus
+    /// `new_tokens`; the prefill packs up to [`PACKED_TOKENS`] of the `prompt_tokens` (all
+    /// requests), or one whole prompt; `decode_copy`: the CPU's bf16 copy of the weights
+    /// (`--decode-weights`).
+    Generation { batch: usize, longest_prompt: usize, prompt_tokens: usize, new_tokens: usize, decode_copy: bool },
+    /// One packed forward of `tokens` (`--batch-tokens`; at least one whole example).
+    Scoring { tokens: usize },
+}
+
+/// Bytes of `job` on the model `c` with `s`: (parameters, total).
+pub fn job_bytes(c: &ModelConfig, job: Job, s: &Storage) -> (u64, u64) {
+    let elems = ParamLayout::llama(c).total as u64;
+    let p = s.param * elems;
+    let working = match job {
+        Job::Generation { batch, longest_prompt, prompt_tokens, new_tokens, decode_copy } => {
+            // As generate.rs sizes them: a cache region per slot, the prefill's packed tokens.
+            let region = longest_prompt.saturating_add(new_tokens).min(c.max_position_embeddings) as u64;
+            let kv = s.compute * 2 * c.num_layers as u64 * c.kv_dim() as u64 * region * batch as u64;
+            let packed = prompt_tokens.min(PACKED_TOKENS.max(longest_prompt)) as u64;
+            let prefill = packed * (layer_bytes_per_token(c, s) + c.hidden_size as u64 * s.compute);
+            let logits = s.exact * (batch * c.vocab_size) as u64;
+            let copy = if decode_copy { 2 * elems } else { 0 };
+            kv + prefill + logits + copy
+        }
+        Job::Scoring { tokens } => activation_bytes(c, tokens as u64, true, s),
+    };
+    (p, p + working)
+}
+
+/// Refuses `job` when it cannot fit in `available` bytes (host memory, or a GPU's when `gpu`),
+/// naming the figures and the flag to lower.
+pub fn check_job(c: &ModelConfig, job: Job, s: &Storage, gpu: bool, available: u64, source_of_figure: &str) -> Result<()> {
+    let (parameters, needed) = job_bytes(c, job, s);
+    // On a GPU: cuBLAS's reserve and the log-prob kernels' logits chunk (a grow-only pool).
+    let needed = needed + if gpu { GPU_RESERVE + 4 * (LOGPROB_CHUNK_ROWS * c.vocab_size) as u64 } else { 0 };
+    if needed <= available {
+        return Ok(());
+    }
+    let bf16_hint = if gpu && s.precision == Precision::F32 { ", or use `--precision bf16`" } else { "" };
+    let machine = if gpu { "a GPU with more memory" } else { "a machine with more memory" };
+    let stage = match job {
+        Job::Generation { .. } => "generation",
+        Job::Scoring { .. } => "scoring",
+    };
+    let advice = match job {
+        _ if parameters >= available => format!("the parameters alone do not fit: use a smaller model or {machine}{bf16_hint}"),
+        Job::Generation { batch, new_tokens, decode_copy, .. } => {
+            let copy = if decode_copy { ", or `--decode-weights f32` (no bf16 copy of the weights)" } else { "" };
+            format!("lower `--batch-size` (now {batch}) or `--max-new-tokens` (now {new_tokens}){copy}{bf16_hint}")
+        }
+        Job::Scoring { tokens } => format!("lower `--batch-tokens` (now {tokens}){bf16_hint}"),
+    };
+    Err(NotEnoughMemory { stage, needed, parameters, available, source_of_figure: source_of_figure.to_string(), advice }.into())
+}
+
 /// The GPU figure override for tests and misleading drivers: `SPPO_GPU_MEMORY_AVAILABLE=BYTES`.
 pub fn gpu_available_override() -> Option<(u64, String)> {
     let v = std::env::var("SPPO_GPU_MEMORY_AVAILABLE").ok()?;
@@ -422,5 +480,29 @@ mod tests {
         assert_eq!(parse_bytes("1.5GiB"), Some(3 << 29));
         assert_eq!(parse_bytes("64 MB"), Some(64 << 20));
         assert_eq!(parse_bytes("lots"), None);
+    }
+
+    #[test]
+    fn one_off_jobs_count_the_cache_the_copy_and_the_batch() {
+        let c = smollm2_135m();
+        let f32s = Storage::of(Precision::F32);
+        let gen = Job::Generation { batch: 8, longest_prompt: 100, prompt_tokens: 800, new_tokens: 924, decode_copy: false };
+        let (p, total) = job_bytes(&c, gen, &f32s);
+        assert_eq!(p, 4 * ParamLayout::llama(&c).total as u64);
+        // The KV cache: 8 slots of 1024 tokens, K and V of 30 layers × 192 floats.
+        let kv = 8 * 1024 * 2 * 30 * 192 * 4;
+        assert!(total - p > kv && total - p < kv + 200 * (1 << 20), "{}", total - p);
+        let (_, with_copy) = job_bytes(&c, Job::Generation { batch: 8, longest_prompt: 100, prompt_tokens: 800, new_tokens: 924, decode_copy: true }, &f32s);
+        assert_eq!(with_copy - total, p / 2, "the bf16 copy is half the f32 parameters");
+        // A 70B model does not fit a 24 GiB machine; the error says the parameters alone do not.
+        let err = check_job(&llama_70b(), gen, &f32s, false, 24 * GIB, "test").unwrap_err().to_string();
+        assert!(err.contains("generation needs about") && err.contains("the parameters alone do not fit"), "{err}");
+        // SmolLM2 fits at this batch, not at 512 slots of its full context.
+        check_job(&c, gen, &f32s, false, 24 * GIB, "test").unwrap();
+        let huge = Job::Generation { batch: 512, longest_prompt: 8192, prompt_tokens: 512 * 8192, new_tokens: 8192, decode_copy: false };
+        let err = check_job(&c, huge, &f32s, false, 24 * GIB, "test").unwrap_err().to_string();
+        assert!(err.contains("lower `--batch-size` (now 512)"), "{err}");
+        let err = check_job(&c, Job::Scoring { tokens: 1 << 20 }, &Storage::of(Precision::F32), true, 2 * GIB, "gpu").unwrap_err().to_string();
+        assert!(err.contains("lower `--batch-tokens`") && err.contains("--precision bf16"), "{err}");
     }
 }

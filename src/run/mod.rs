@@ -199,6 +199,27 @@ pub fn check_memory_for<B: Backend>(b: &B, cfg: &RunConfig, generation: bool) ->
     Ok(())
 }
 
+/// The memory check of a one-off command (`sppo generate`, `sppo logprobs`) on the model in
+/// `model_dir`, before it is loaded: the GPU's free memory on a GPU backend, else the host's.
+pub fn check_memory_job<B: Backend>(b: &B, model_dir: &Path, job: memory::Job) -> Result<()> {
+    let model_cfg = crate::config::ModelConfig::from_model_dir(model_dir)?;
+    let what = || format!("{}: on {}", model_dir.display(), b.name());
+    let storage = memory::Storage::of(b.precision());
+    match b.device_memory()? {
+        Some(dev) => {
+            let (available, source) = memory::gpu_available_override()
+                .unwrap_or_else(|| (dev.free, format!("free on {} of {} total", dev.name, memory::human(dev.total))));
+            memory::check_job(&model_cfg, job, &storage, true, available, &source).with_context(what)?;
+        }
+        None => {
+            if let Some((available, source)) = memory::available() {
+                memory::check_job(&model_cfg, job, &storage, false, available, &source).with_context(what)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// [`check_memory_for`] of a whole loop (`sppo run`).
 pub fn check_memory_on<B: Backend>(b: &B, cfg: &RunConfig) -> Result<()> {
     check_memory_for(b, cfg, true)
