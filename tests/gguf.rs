@@ -390,6 +390,47 @@ fn random_q45k_block(rng: &mut Rng, bits: u32) -> (Vec<u8>, Vec<f32>) {
     (block, expect)
 }
 
+/// One Q2_K super-block from random codes: element e is in 16-value group e / 16, whose 2-bit
+/// codes sit in byte 32·(e / 128) + 16·(group % 2) + e % 16 at bit 2·((e % 128) / 32).
+fn random_q2k_block(rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+    let (db, d) = f16_bits(rng.f32() * 0.01);
+    let (mb, dmin) = f16_bits(rng.f32().abs() * 0.01);
+    let scales: [u8; 16] = std::array::from_fn(|_| rng.below(256) as u8);
+    let mut qs = vec![0u8; 64];
+    let mut expect = Vec::with_capacity(256);
+    for e in 0..256 {
+        let c = rng.below(4) as u8;
+        let group = e / 16;
+        qs[32 * (e / 128) + 16 * (group % 2) + e % 16] |= c << (2 * ((e % 128) / 32));
+        let sc = scales[group];
+        expect.push(d * (sc & 0xF) as f32 * c as f32 - dmin * (sc >> 4) as f32);
+    }
+    ([scales.to_vec(), qs, db, mb].concat(), expect)
+}
+
+/// One Q3_K super-block from random 3-bit codes: the low 2 bits as in Q2_K, the high bit in
+/// hmask[16·(group % 2) + e % 16] at bit (e / 32); 6-bit scales packed as llama.cpp packs them
+/// (low nibbles in bytes 0..8, two high bits per scale in bytes 8..12).
+fn random_q3k_block(rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+    let (db, d) = f16_bits(rng.f32() * 0.01);
+    let scales: [u8; 16] = std::array::from_fn(|_| rng.below(64) as u8);
+    let mut packed = [0u8; 12];
+    for (j, &sc) in scales.iter().enumerate() {
+        packed[j % 8] |= (sc & 0xF) << (4 * (j / 8));
+        packed[8 + j % 4] |= (sc >> 4) << (2 * (j / 4));
+    }
+    let (mut hmask, mut qs) = (vec![0u8; 32], vec![0u8; 64]);
+    let mut expect = Vec::with_capacity(256);
+    for e in 0..256 {
+        let c = rng.below(8) as u8; // the value is c − 4
+        let group = e / 16;
+        qs[32 * (e / 128) + 16 * (group % 2) + e % 16] |= (c & 3) << (2 * ((e % 128) / 32));
+        hmask[16 * (group % 2) + e % 16] |= (c >> 2) << (e / 32);
+        expect.push(d * (scales[group] as i32 - 32) as f32 * (c as i32 - 4) as f32);
+    }
+    ([hmask, qs, packed.to_vec(), db].concat(), expect)
+}
+
 fn random_q6k_block(rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
     let (db, d) = f16_bits(rng.f32() * 0.01);
     let sc: [i8; 16] = std::array::from_fn(|_| rng.below(256) as u8 as i8);
@@ -584,6 +625,20 @@ fn dtype_file(alignment: Option<u32>, version: u32) -> (Builder, Vec<(String, Ve
     };
     add(
         &mut b,
+        "q2_k",
+        &[256, 2],
+        GgmlType::Q2K,
+        k_blocks(&mut || random_q2k_block(&mut rng)),
+    );
+    add(
+        &mut b,
+        "q3_k",
+        &[512, 1],
+        GgmlType::Q3K,
+        k_blocks(&mut || random_q3k_block(&mut rng)),
+    );
+    add(
+        &mut b,
         "q4_k",
         &[256, 2],
         GgmlType::Q4K,
@@ -747,8 +802,8 @@ fn unsupported_dtypes_name_the_tensor_and_type() {
     b.tensor(
         "blk.0.attn_q.weight",
         &[256, 1],
-        GgmlType::Q2K.id(),
-        vec![0u8; 84],
+        GgmlType::Iq2Xxs.id(),
+        vec![0u8; 66],
     );
     b.tensor("weird", &[4], 99, vec![0u8; 16]);
     b.tensor("odd_length", &[33], GgmlType::F32.id(), vec![0u8; 33 * 4]);
@@ -757,10 +812,10 @@ fn unsupported_dtypes_name_the_tensor_and_type() {
     let g = GgufFile::open(&path).expect("open");
     let e = g
         .dequantize("blk.0.attn_q.weight")
-        .expect_err("q2_k")
+        .expect_err("iq2_xxs")
         .to_string();
     assert!(
-        e.contains("blk.0.attn_q.weight") && e.contains("Q2_K") && e.contains("types.gguf"),
+        e.contains("blk.0.attn_q.weight") && e.contains("IQ2_XXS") && e.contains("types.gguf"),
         "{e}"
     );
     let e = g.dequantize("weird").expect_err("unknown").to_string();

@@ -111,7 +111,7 @@ pub enum GgmlType {
 }
 
 /// The types [`GgufFile::dequantize`] handles.
-pub const DEQUANTIZABLE: [GgmlType; 11] = [
+pub const DEQUANTIZABLE: [GgmlType; 13] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::Bf16,
@@ -120,6 +120,8 @@ pub const DEQUANTIZABLE: [GgmlType; 11] = [
     GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q5_1,
+    GgmlType::Q2K,
+    GgmlType::Q3K,
     GgmlType::Q4K,
     GgmlType::Q5K,
     GgmlType::Q6K,
@@ -223,8 +225,8 @@ impl GgmlType {
             Q5_1 => (32, 24), // f16 d, f16 m, u32 high bits, 16 B nibbles
             Q8_0 => (32, 34), // f16 d, 32 × i8
             Q8_1 => (32, 36), // f16 d, f16 s, 32 × i8
-            Q2K => (QK_K, 84),
-            Q3K => (QK_K, 110),
+            Q2K => (QK_K, 84),  // 16 B 4-bit scales/mins, 64 B 2-bit codes, f16 d, f16 dmin
+            Q3K => (QK_K, 110), // 32 B high bits, 64 B 2-bit codes, 12 B 6-bit scales, f16 d
             Q4K => (QK_K, 144), // f16 d, f16 dmin, 12 B scales, 128 B nibbles
             Q5K => (QK_K, 176), // f16 d, f16 dmin, 12 B scales, 32 B high bits, 128 B nibbles
             Q6K => (QK_K, 210), // 128 B low nibbles, 64 B high 2-bits, 16 × i8 scales, f16 d
@@ -1061,6 +1063,54 @@ pub fn dequantize_into(
                 };
                 out.extend(qs.iter().enumerate().map(|(j, &q)| value(q & 0xF, j)));
                 out.extend(qs.iter().enumerate().map(|(j, &q)| value(q >> 4, j + 16)));
+            }
+        }
+        Q2K => {
+            // 16 × 4-bit scale/min pairs, 64 B of 2-bit codes, f16 d, f16 dmin. Each 128-value
+            // half reads 32 code bytes four times (shifts 0, 2, 4, 6), 16 values per scale.
+            for b in blocks(bytes, 84, dtype)? {
+                let (scales, qs) = (&b[0..16], &b[16..80]);
+                let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+                let mut is = 0;
+                for q in qs.chunks_exact(32) {
+                    for shift in [0, 2, 4, 6] {
+                        for half in q.chunks_exact(16) {
+                            let sc = scales[is];
+                            is += 1;
+                            let (dl, ml) = (d * (sc & 0xF) as f32, dmin * (sc >> 4) as f32);
+                            out.extend(half.iter().map(|&x| dl * ((x >> shift) & 3) as f32 - ml));
+                        }
+                    }
+                }
+            }
+        }
+        Q3K => {
+            // 32 B high-bit mask, 64 B of 2-bit codes, 12 B of sixteen 6-bit scales, f16 d. A
+            // value is (2-bit code − 4 when its high bit is clear) × d × (scale − 32).
+            for b in blocks(bytes, 110, dtype)? {
+                let (hmask, qs, packed) = (&b[0..32], &b[32..96], &b[96..108]);
+                let d = f16_at(b, 108);
+                let scales: [i32; 16] = std::array::from_fn(|j| {
+                    let low = if j < 8 { packed[j] & 0xF } else { packed[j - 8] >> 4 };
+                    let high = (packed[8 + j % 4] >> (2 * (j / 4))) & 3;
+                    (low | (high << 4)) as i32 - 32
+                });
+                let (mut is, mut bit) = (0, 0);
+                for (n, q) in qs.chunks_exact(32).enumerate() {
+                    for shift in [0, 2, 4, 6] {
+                        for (h, half) in q.chunks_exact(16).enumerate() {
+                            let dl = d * scales[is] as f32;
+                            is += 1;
+                            let hm = &hmask[16 * h..16 * h + 16];
+                            out.extend(half.iter().zip(hm).map(|(&x, &m)| {
+                                let code = ((x >> shift) & 3) as i32 - if m & (1 << bit) != 0 { 0 } else { 4 };
+                                dl * code as f32
+                            }));
+                        }
+                        bit += 1;
+                    }
+                    debug_assert_eq!(bit, 4 * (n + 1));
+                }
             }
         }
         Q4K => {
