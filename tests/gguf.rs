@@ -431,6 +431,41 @@ fn random_q3k_block(rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
     ([hmask, qs, packed.to_vec(), db].concat(), expect)
 }
 
+const IQ4: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
+
+/// `blocks` IQ4_NL blocks (32 values: f16 d, 16 B of code-book indices, low nibbles first).
+fn random_iq4nl(rng: &mut Rng, blocks: usize) -> (Vec<u8>, Vec<f32>) {
+    let (mut bytes, mut expect) = (vec![], vec![]);
+    for _ in 0..blocks {
+        let (db, d) = f16_bits(rng.f32() * 0.01);
+        let codes: Vec<u8> = (0..32).map(|_| rng.below(16) as u8).collect();
+        bytes.extend(db);
+        bytes.extend((0..16).map(|j| codes[j] | (codes[j + 16] << 4)));
+        expect.extend(codes.iter().map(|&c| d * IQ4[c as usize] as f32));
+    }
+    (bytes, expect)
+}
+
+/// One IQ4_XS super-block: eight 32-value groups, 6-bit scales split into low nibbles (4 B) and
+/// high bit pairs (a u16), indices as in IQ4_NL.
+fn random_iq4xs_block(rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
+    let (db, d) = f16_bits(rng.f32() * 0.01);
+    let scales: [u8; 8] = std::array::from_fn(|_| rng.below(64) as u8);
+    let (mut high, mut low) = (0u16, [0u8; 4]);
+    for (g, &sc) in scales.iter().enumerate() {
+        low[g / 2] |= (sc & 0xF) << (4 * (g % 2));
+        high |= ((sc >> 4) as u16) << (2 * g);
+    }
+    let (mut qs, mut expect) = (vec![], vec![]);
+    for &sc in &scales {
+        let codes: Vec<u8> = (0..32).map(|_| rng.below(16) as u8).collect();
+        qs.extend((0..16).map(|j| codes[j] | (codes[j + 16] << 4)));
+        let dl = d * (sc as i32 - 32) as f32;
+        expect.extend(codes.iter().map(|&c| dl * IQ4[c as usize] as f32));
+    }
+    ([db, high.to_le_bytes().to_vec(), low.to_vec(), qs].concat(), expect)
+}
+
 fn random_q6k_block(rng: &mut Rng) -> (Vec<u8>, Vec<f32>) {
     let (db, d) = f16_bits(rng.f32() * 0.01);
     let sc: [i8; 16] = std::array::from_fn(|_| rng.below(256) as u8 as i8);
@@ -657,6 +692,14 @@ fn dtype_file(alignment: Option<u32>, version: u32) -> (Builder, Vec<(String, Ve
         &[256, 2],
         GgmlType::Q6K,
         k_blocks(&mut || random_q6k_block(&mut rng)),
+    );
+    add(&mut b, "iq4_nl", &[32, 3], GgmlType::Iq4Nl, random_iq4nl(&mut rng, 3));
+    add(
+        &mut b,
+        "iq4_xs",
+        &[256, 2],
+        GgmlType::Iq4Xs,
+        k_blocks(&mut || random_iq4xs_block(&mut rng)),
     );
     (b, expected)
 }

@@ -111,7 +111,7 @@ pub enum GgmlType {
 }
 
 /// The types [`GgufFile::dequantize`] handles.
-pub const DEQUANTIZABLE: [GgmlType; 13] = [
+pub const DEQUANTIZABLE: [GgmlType; 15] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::Bf16,
@@ -125,7 +125,12 @@ pub const DEQUANTIZABLE: [GgmlType; 13] = [
     GgmlType::Q4K,
     GgmlType::Q5K,
     GgmlType::Q6K,
+    GgmlType::Iq4Nl,
+    GgmlType::Iq4Xs,
 ];
+
+/// The non-linear 4-bit code book of IQ4_NL and IQ4_XS (`kvalues_iq4nl` in ggml).
+const IQ4_VALUES: [i8; 16] = [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113];
 
 /// Elements per super-block of the K-quants (`QK_K`).
 pub const QK_K: usize = 256;
@@ -1110,6 +1115,30 @@ pub fn dequantize_into(
                         bit += 1;
                     }
                     debug_assert_eq!(bit, 4 * (n + 1));
+                }
+            }
+        }
+        Iq4Nl => {
+            // f16 d, 16 B of 4-bit indices into the non-linear table (low nibbles first).
+            for b in blocks(bytes, 18, dtype)? {
+                let d = f16_at(b, 0);
+                let qs = &b[2..18];
+                out.extend(qs.iter().map(|&q| d * IQ4_VALUES[(q & 0xF) as usize] as f32));
+                out.extend(qs.iter().map(|&q| d * IQ4_VALUES[(q >> 4) as usize] as f32));
+            }
+        }
+        Iq4Xs => {
+            // f16 d, u16 high scale bits, 4 B low scale nibbles, 128 B of indices: eight 32-value
+            // groups, each scaled by d × (6-bit scale − 32).
+            for b in blocks(bytes, 136, dtype)? {
+                let d = f16_at(b, 0);
+                let high = u16::from_le_bytes([b[2], b[3]]);
+                let (low, qs) = (&b[4..8], &b[8..136]);
+                for (g, q) in qs.chunks_exact(16).enumerate() {
+                    let scale = ((low[g / 2] >> (4 * (g % 2))) & 0xF) as i32 | ((((high >> (2 * g)) & 3) as i32) << 4);
+                    let dl = d * (scale - 32) as f32;
+                    out.extend(q.iter().map(|&x| dl * IQ4_VALUES[(x & 0xF) as usize] as f32));
+                    out.extend(q.iter().map(|&x| dl * IQ4_VALUES[(x >> 4) as usize] as f32));
                 }
             }
         }
