@@ -175,6 +175,19 @@ pub fn check_memory(cfg: &RunConfig) -> Result<()> {
     Ok(())
 }
 
+/// The memory `b` computes in: its GPU's free memory (`Some(true)` with the figure) or the host's
+/// (`Some(false)`), with where the figure came from; `None` when the host's is unknown.
+fn memory_of<B: Backend>(b: &B) -> Result<Option<(u64, String, bool)>> {
+    Ok(match b.device_memory()? {
+        Some(dev) => {
+            let (available, source) = memory::gpu_available_override()
+                .unwrap_or_else(|| (dev.free, format!("free on {} of {} total", dev.name, memory::human(dev.total))));
+            Some((available, source, true))
+        }
+        None => memory::available().map(|(available, source)| (available, source, false)),
+    })
+}
+
 /// The memory check of `cfg` on backend `b`, before anything is loaded: a GPU backend's free
 /// device memory against an estimate in its storage precision, else the host's (see [`memory`]).
 /// Sampling is counted when `cfg` is a whole loop (`sppo run`), not for `sppo train` (its
@@ -183,18 +196,14 @@ pub fn check_memory_for<B: Backend>(b: &B, cfg: &RunConfig, generation: bool) ->
     let model_cfg = crate::config::ModelConfig::from_model_dir(&cfg.model)?;
     let plan = memory_plan(cfg, generation);
     let what = || format!("{}: the run's plan on {}", cfg.model.display(), b.name());
-    match b.device_memory()? {
-        Some(dev) => {
-            let (available, source) = memory::gpu_available_override()
-                .unwrap_or_else(|| (dev.free, format!("free on {} of {} total", dev.name, memory::human(dev.total))));
-            let storage = memory::Storage::of(b.precision());
-            memory::check_gpu(&model_cfg, &plan, &storage, available, &source).with_context(what)?;
+    match memory_of(b)? {
+        Some((available, source, true)) => {
+            memory::check_gpu(&model_cfg, &plan, &memory::Storage::of(b.precision()), available, &source).with_context(what)?;
         }
-        None => {
-            if let Some((available, source)) = memory::available() {
-                memory::check(&model_cfg, &plan, available, &source).with_context(what)?;
-            }
+        Some((available, source, false)) => {
+            memory::check(&model_cfg, &plan, available, &source).with_context(what)?;
         }
+        None => {}
     }
     Ok(())
 }
@@ -203,19 +212,9 @@ pub fn check_memory_for<B: Backend>(b: &B, cfg: &RunConfig, generation: bool) ->
 /// `model_dir`, before it is loaded: the GPU's free memory on a GPU backend, else the host's.
 pub fn check_memory_job<B: Backend>(b: &B, model_dir: &Path, job: memory::Job) -> Result<()> {
     let model_cfg = crate::config::ModelConfig::from_model_dir(model_dir)?;
-    let what = || format!("{}: on {}", model_dir.display(), b.name());
-    let storage = memory::Storage::of(b.precision());
-    match b.device_memory()? {
-        Some(dev) => {
-            let (available, source) = memory::gpu_available_override()
-                .unwrap_or_else(|| (dev.free, format!("free on {} of {} total", dev.name, memory::human(dev.total))));
-            memory::check_job(&model_cfg, job, &storage, true, available, &source).with_context(what)?;
-        }
-        None => {
-            if let Some((available, source)) = memory::available() {
-                memory::check_job(&model_cfg, job, &storage, false, available, &source).with_context(what)?;
-            }
-        }
+    if let Some((available, source, gpu)) = memory_of(b)? {
+        let storage = memory::Storage::of(b.precision());
+        memory::check_job(&model_cfg, job, &storage, gpu, available, &source).with_context(|| format!("{}: on {}", model_dir.display(), b.name()))?;
     }
     Ok(())
 }
