@@ -237,10 +237,19 @@ pub fn generate<B: Backend>(
         .collect()
 }
 
-/// Generates `num_samples` responses for each prompt record (chat template + generation prompt)
-/// and returns the output lines `{prompt_id, prompt, responses, finish_reasons, num_tokens,
-/// reference?}` and the number of generated tokens. Stops on `opts.eos_ids` plus the model
-/// directory's generation_config EOS ids and the template's end-of-turn token.
+/// Each record's prompt ids: its messages through the chat template with the generation prompt.
+pub fn encode_records(codec: &crate::logprobs::TextCodec, records: &[crate::prompts::PromptRecord]) -> Result<Vec<Vec<u32>>> {
+    records
+        .iter()
+        .map(|r| crate::chat::encode_chat(&codec.tokenizer, &codec.template, &r.messages, true).map_err(|e| e.context(format!("prompt {}", r.id))))
+        .collect()
+}
+
+/// Generates `num_samples` responses for each prompt record (`prompt_ids`: the records encoded
+/// by [`encode_records`]) and returns the output lines `{prompt_id, prompt, responses,
+/// finish_reasons, num_tokens, reference?}` and the number of generated tokens. Stops on
+/// `opts.eos_ids` plus the model directory's generation_config EOS ids and the template's
+/// end-of-turn token.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_records<B: Backend>(
     b: &B,
@@ -248,10 +257,12 @@ pub fn generate_records<B: Backend>(
     codec: &crate::logprobs::TextCodec,
     model_dir: &std::path::Path,
     records: &[crate::prompts::PromptRecord],
+    prompt_ids: &[Vec<u32>],
     num_samples: u32,
     mut opts: GenOptions,
     on_token: impl FnMut(usize),
 ) -> Result<(Vec<serde_json::Value>, usize)> {
+    ensure!(prompt_ids.len() == records.len(), "internal: {} encoded prompts for {} records", prompt_ids.len(), records.len());
     let gen_cfg = crate::config::GenerationConfig::from_model_dir(model_dir)?.unwrap_or_default();
     let defaults = if gen_cfg.eos_token_ids.is_empty() { model.cfg.eos_token_ids.clone() } else { gen_cfg.eos_token_ids };
     for id in defaults.into_iter().chain([codec.end_of_turn]) {
@@ -260,9 +271,7 @@ pub fn generate_records<B: Backend>(
         }
     }
     let mut requests = Vec::new();
-    for r in records {
-        let ids = crate::chat::encode_chat(&codec.tokenizer, &codec.template, &r.messages, true)
-            .map_err(|e| e.context(format!("prompt {}", r.id)))?;
+    for (r, ids) in records.iter().zip(prompt_ids) {
         for s in 0..num_samples {
             requests.push(GenRequest { prompt_id: r.id.clone(), sample_index: s, prompt_ids: ids.clone() });
         }

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use sppo::backend::cpu::CpuBackend;
 use sppo::backend::Backend;
 use sppo::chat::Message;
-use sppo::generate::{generate_records, DecodeWeights, GenOptions};
+use sppo::generate::{encode_records, generate_records, DecodeWeights, GenOptions};
 use sppo::logprobs::{output_line, parse_example, score, TextCodec};
 use sppo::model::Llama;
 use sppo::prompts::{load_prompts_limit, PromptRecord};
@@ -350,12 +350,9 @@ fn cmd_generate<B: Backend>(b: &B, a: GenerateArgs) -> Result<()> {
     };
     let cfg = sppo::config::ModelConfig::from_model_dir(&a.model)?;
     let codec = TextCodec::from_model_dir(&a.model, cfg.vocab_size)?.with_context(|| format!("{}: generation needs tokenizer.json", a.model.display()))?;
-    // The memory check before the weights load needs the prompts' lengths (tokenized again by
-    // generate_records: cheap beside generating).
-    let mut lengths = Vec::with_capacity(records.len());
-    for r in &records {
-        lengths.push(sppo::chat::encode_chat(&codec.tokenizer, &codec.template, &r.messages, true).map_err(|e| e.context(format!("prompt {}", r.id)))?.len());
-    }
+    // Encoded before the weights load: the memory check needs the prompts' lengths.
+    let prompt_ids = encode_records(&codec, &records)?;
+    let lengths: Vec<usize> = prompt_ids.iter().map(Vec::len).collect();
     // The CPU keeps a bf16 copy of the weights while generating: on request, or (auto) when the
     // checkpoint is bf16 so the copy is exact.
     let decode_copy = b.device_memory()?.is_none() && (a.decode_weights == DecodeWeights::Bf16 || (a.decode_weights == DecodeWeights::Auto && cfg.stored_dtype == "bfloat16"));
@@ -366,7 +363,7 @@ fn cmd_generate<B: Backend>(b: &B, a: GenerateArgs) -> Result<()> {
         new_tokens: a.max_new_tokens,
         decode_copy,
     };
-    sppo::run::check_memory_job(b, &a.model, job)?;
+    sppo::run::check_memory_job(b, &cfg, &a.model, job)?;
     let mut model = Llama::load(b, &a.model)?;
     let sampling = SamplingParams { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k, min_p: a.min_p };
     let opts = GenOptions {
@@ -381,7 +378,7 @@ fn cmd_generate<B: Backend>(b: &B, a: GenerateArgs) -> Result<()> {
     };
     let pb = progress_bar((records.len() * a.num_samples as usize * a.max_new_tokens) as u64, "tokens");
     let start = std::time::Instant::now();
-    let (lines, total) = generate_records(b, &mut model, &codec, &a.model, &records, a.num_samples, opts, |n| pb.inc(n as u64))?;
+    let (lines, total) = generate_records(b, &mut model, &codec, &a.model, &records, &prompt_ids, a.num_samples, opts, |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
     eprintln!("generated {total} tokens in {:.1} s ({:.1} tokens/s)", start.elapsed().as_secs_f64(), total as f64 / start.elapsed().as_secs_f64());
 
@@ -409,7 +406,8 @@ fn cmd_generate<B: Backend>(b: &B, a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_logprobs<B: Backend>(b: &B, a: LogprobsArgs) -> Result<()> {
-    sppo::run::check_memory_job(b, &a.model, Job::Scoring { tokens: a.batch_tokens })?;
+    let cfg = sppo::config::ModelConfig::from_model_dir(&a.model)?;
+    sppo::run::check_memory_job(b, &cfg, &a.model, Job::Scoring { tokens: a.batch_tokens })?;
     let mut model = Llama::load(b, &a.model)?;
     let codec = TextCodec::from_model_dir(&a.model, model.cfg.vocab_size)?;
     let f = std::fs::File::open(&a.data).with_context(|| format!("{}: cannot open", a.data.display()))?;

@@ -347,8 +347,9 @@ fn class_distribution_is_exact() {
         max_prefill_tokens: 4096,
         weights: Default::default(),
     };
+    let prompt_ids = sppo::generate::encode_records(&codec, &records).unwrap();
     let (lines, _) =
-        sppo::generate::generate_records(&b, &mut model, &codec, &dir, &records, n, opts, |_| {})
+        sppo::generate::generate_records(&b, &mut model, &codec, &dir, &records, &prompt_ids, n, opts, |_| {})
             .unwrap();
     let responses: Vec<String> = serde_json::from_value(lines[0]["responses"].clone()).unwrap();
     let freq = game.empirical_policy(&responses);

@@ -31,7 +31,7 @@ use super::config::RunConfig;
 use super::manifest::{Manifest, Stage};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::generate::{generate_records, GenOptions};
+use crate::generate::{encode_records, generate_records, GenOptions};
 use crate::logprobs::TextCodec;
 use crate::model::Llama;
 use crate::oracle::game::Game;
@@ -211,15 +211,17 @@ fn policy_samples<B: Backend>(
         seed: s.seed.wrapping_add(EVAL_SEED_SALT),
         iteration: policy.iteration,
         batch_size: s.batch_size,
-        max_prefill_tokens: 4096,
+        max_prefill_tokens: crate::run::memory::PACKED_TOKENS,
         weights: s.decode_weights,
     };
+    let prompt_ids = encode_records(&codec, &s.prompts)?;
     let (lines, _) = generate_records(
         b,
         &mut model,
         &codec,
         &policy.dir,
         &s.prompts,
+        &prompt_ids,
         s.num_samples,
         opts,
         |_| {},

@@ -43,7 +43,7 @@ pub mod report;
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
-use crate::generate::{generate_records, GenOptions};
+use crate::generate::{encode_records, generate_records, GenOptions};
 use crate::logprobs::TextCodec;
 use crate::model::Llama;
 use crate::nvtx;
@@ -208,13 +208,12 @@ pub fn check_memory_for<B: Backend>(b: &B, cfg: &RunConfig, generation: bool) ->
     Ok(())
 }
 
-/// The memory check of a one-off command (`sppo generate`, `sppo logprobs`) on the model in
-/// `model_dir`, before it is loaded: the GPU's free memory on a GPU backend, else the host's.
-pub fn check_memory_job<B: Backend>(b: &B, model_dir: &Path, job: memory::Job) -> Result<()> {
-    let model_cfg = crate::config::ModelConfig::from_model_dir(model_dir)?;
+/// The memory check of a one-off command (`sppo generate`, `sppo logprobs`) on the model `cfg`
+/// of `model_dir`, before it is loaded: the GPU's free memory on a GPU backend, else the host's.
+pub fn check_memory_job<B: Backend>(b: &B, cfg: &crate::config::ModelConfig, model_dir: &Path, job: memory::Job) -> Result<()> {
     if let Some((available, source, gpu)) = memory_of(b)? {
         let storage = memory::Storage::of(b.precision());
-        memory::check_job(&model_cfg, job, &storage, gpu, available, &source).with_context(|| format!("{}: on {}", model_dir.display(), b.name()))?;
+        memory::check_job(cfg, job, &storage, gpu, available, &source).with_context(|| format!("{}: on {}", model_dir.display(), b.name()))?;
     }
     Ok(())
 }
@@ -549,7 +548,8 @@ fn sample<B: Backend>(
             max_prefill_tokens: memory::PACKED_TOKENS,
             weights: cfg.decode_weights,
         };
-        let (lines, _) = generate_records(b, model, codec, policy_dir, shard_prompts, cfg.num_samples, opts, |n| {
+        let prompt_ids = encode_records(codec, shard_prompts)?;
+        let (lines, _) = generate_records(b, model, codec, policy_dir, shard_prompts, &prompt_ids, cfg.num_samples, opts, |n| {
             new_tokens += n;
             pb.set_message(format!("{:.1} tokens/s", new_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9)));
         })?;
